@@ -1,0 +1,499 @@
+"""The adapter protocol, hyperparameter validation and the per-adapter random generator.
+
+Every adapter is a subclass of `Adapter`. Subclasses implement `_predict(x)` (the method's
+prediction for a batch, keeping whatever the update needs) and `_learn()` (the update), plus
+`_state()` / `_load_state()` for their own tensors. `step(x)` is `predict(x)` then `learn()`,
+which is exactly the reference implementations' order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One hyperparameter: its default, how to validate it, and what it means."""
+
+    name: str
+    default: Any
+    kind: type  # float, int, bool, str, tuple or object (no parsing)
+    range: str  # human-readable valid range, used in error messages and describe()
+    meaning: str
+    valid: Callable[[Any], bool] = lambda v: True
+
+    def parse(self, value: Any) -> Any:
+        """Convert a value (possibly a wire string) to this hyperparameter's type, then check it."""
+        try:
+            value = _convert(self.kind, value)
+        except (TypeError, ValueError):
+            raise ValueError(f"hyperparameter {self.name!r}: cannot read {value!r} as {self.kind.__name__}; "
+                             f"valid range: {self.range}") from None
+        if not self.valid(value):
+            raise ValueError(f"hyperparameter {self.name!r}={value!r} is out of range; valid range: {self.range}")
+        return value
+
+    def describe(self) -> dict:
+        default = self.default
+        if isinstance(default, tuple):
+            default = list(default)
+        return {"name": self.name, "default": default, "range": self.range, "meaning": self.meaning}
+
+
+def _convert(kind: type, value: Any) -> Any:
+    if value is None or kind is object:
+        return value
+    if kind is bool:
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(value, (bool, int)):
+            return bool(value)
+        raise TypeError(value)
+    if kind is int:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise TypeError(value)
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(value)
+        return value
+    if kind is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        return tuple(float(v) for v in value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    raise TypeError(kind)
+
+
+def in_range(low: float, high: float, low_open: bool = False, high_open: bool = False) -> Callable[[Any], bool]:
+    def check(v):
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below
+    return check
+
+
+# Hyperparameters every adapter that draws random numbers accepts.
+SEED = Hyperparameter("seed", 0, int, "integer >= 0", "seed of the adapter's own torch.Generator",
+                      lambda v: v >= 0)
+GENERATOR = Hyperparameter(
+    "generator", None, object, "None, a torch.Generator, or 'global'",
+    "random source; 'global' draws from torch's global generator in the reference code's order "
+    "(for conformance with the papers' code); default: a fresh CPU generator seeded with `seed`",
+    lambda v: v is None or v == "global" or isinstance(v, torch.Generator))
+
+
+class Adapter:
+    """Base class. See DESIGN.md "Adapter protocol" for the contract."""
+
+    name: str = ""
+    summary: str = ""
+    updates_weights: bool = False
+    uses_randomness: bool = False
+    adapts: bool = True  # False only for `source`
+    deferred_update: bool = True  # False: all the work is in the forward pass, learn() is a no-op
+    HYPERPARAMETERS: tuple[Hyperparameter, ...] = ()
+
+    @classmethod
+    def spec(cls) -> tuple[Hyperparameter, ...]:
+        extra = (SEED, GENERATOR) if cls.uses_randomness else ()
+        return tuple(cls.HYPERPARAMETERS) + extra
+
+    @classmethod
+    def validate(cls, given: dict) -> dict:
+        spec = {h.name: h for h in cls.spec()}
+        unknown = sorted(set(given) - set(spec))
+        if unknown:
+            raise ValueError(f"adapter {cls.name!r} has no hyperparameter {unknown[0]!r}; "
+                             f"valid: {', '.join(spec) or 'none'}")
+        values = {name: h.default for name, h in spec.items()}
+        for name, value in given.items():
+            values[name] = spec[name].parse(value)
+        return values
+
+    def __init__(self, model: nn.Module, **hyperparameters):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.hyperparameters = self.validate(hyperparameters)
+        self.source = model  # never mutated; shared read-only
+        self.device = _device_of(model)
+        self.generator = self._make_generator()
+        self.steps = 0  # number of learn() updates applied
+        self._pending = False
+        self._observers: list[Callable] = []
+        self._observing = False
+
+    # --- randomness -------------------------------------------------------------------
+    def _make_generator(self) -> torch.Generator | None:
+        """None means: draw from torch's global generator (reference order)."""
+        if not self.uses_randomness:
+            return None
+        g = self.hyperparameters.get("generator")
+        if g == "global":
+            return None
+        if isinstance(g, torch.Generator):
+            return g
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(self.hyperparameters["seed"])
+        return gen
+
+    def _remember_generator(self) -> None:
+        """Called once construction (which may draw random numbers) is complete."""
+        self._generator_initial = self.generator.get_state() if self.generator is not None else None
+
+    def _reset_generator(self) -> None:
+        if self.generator is not None and self._generator_initial is not None:
+            self.generator.set_state(self._generator_initial)
+
+    # --- the contract -----------------------------------------------------------------
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """The method's prediction for x, then its update (reference semantics)."""
+        logits = self.predict(x)
+        self.learn()
+        return logits
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Prediction for x; keeps what learn() needs. A still-pending update is applied first,
+        so batch t+1 always sees the update from batch t."""
+        if self._pending:
+            self.learn()
+        x = self._check_input(x)
+        with torch.no_grad():
+            out = self._predict(x)
+        if self.deferred_update:
+            self._pending = True
+        elif self.adapts:
+            self.steps += 1
+        return out.detach()
+
+    def learn(self) -> dict[str, float]:
+        """Apply the update for the last predicted batch; returns figures such as the loss."""
+        if not self._pending:
+            return {}
+        self._pending = False
+        figures = self._learn() or {}
+        self.steps += 1
+        return figures
+
+    def discard(self) -> None:
+        """Forget the pending update of the last predicted batch (prediction-only request)."""
+        self._pending = False
+        self._discard()
+
+    def reset(self) -> None:
+        """Back to the source state: statistics, weights, optimizer and generator."""
+        self.discard()
+        self._reset()
+        self._reset_generator()
+        self.steps = 0
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume this stream bit for bit (torch.save-able)."""
+        if self._pending:
+            self.learn()
+        state = {"adapter": self.name, "steps": self.steps, "state": self._state()}
+        if self.generator is not None:
+            state["generator"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("adapter") != self.name:
+            raise ValueError(f"state dict is for adapter {state.get('adapter')!r}, not {self.name!r}")
+        self.discard()
+        self._load_state(state["state"])
+        self.steps = int(state["steps"])
+        if self.generator is not None and "generator" in state:
+            self.generator.set_state(state["generator"])
+
+    def weight_distance(self) -> float:
+        """‖θ − θ_src‖ / ‖θ_src‖ over the adapted weights; 0 for methods that adapt no weights."""
+        pairs = self._adapted_weights()
+        if not pairs:
+            return 0.0
+        num = sum(float((p.detach() - s.detach()).pow(2).sum()) for p, s in pairs)
+        den = sum(float(s.detach().pow(2).sum()) for _, s in pairs)
+        return math.sqrt(num / den) if den > 0 else 0.0
+
+    def state_bytes(self) -> int:
+        """Bytes of per-stream state (shared source weights excluded)."""
+        return _tensor_bytes(self._state())
+
+    def observe_bn_inputs(self, callback: Callable) -> "_ObserverHandle":
+        """callback(layer_name, x, source_mean, source_var) is called on every normalisation
+        layer's input during the prediction forward pass of a batch (drift metrics)."""
+        self._observers.append(callback)
+        if len(self._observers) == 1:
+            self._install_observer_hooks()
+        return _ObserverHandle(self, callback)
+
+    # --- for subclasses ---------------------------------------------------------------
+    def _predict(self, x):
+        raise NotImplementedError
+
+    def _learn(self):
+        return {}
+
+    def _discard(self):
+        pass
+
+    def _reset(self):
+        raise NotImplementedError
+
+    def _state(self) -> dict:
+        raise NotImplementedError
+
+    def _load_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def _adapted_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return []
+
+    def _observed_network(self) -> nn.Module:
+        """The network whose clean forward pass the BN observers watch."""
+        raise NotImplementedError
+
+    # --- helpers ----------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"expected a float tensor of shape (N, C, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.shape[0] < 1:
+            raise ValueError("empty batch")
+        return x.to(device=self.device, dtype=torch.float32)
+
+    def _observe(self, fn: Callable, *args):
+        """Run fn(*args) with BN observers active (only around the clean prediction pass)."""
+        self._observing = bool(self._observers)
+        try:
+            return fn(*args)
+        finally:
+            self._observing = False
+
+    def _install_observer_hooks(self) -> None:
+        from .common import norm_layer_source_stats
+
+        stats = norm_layer_source_stats(self.source)
+        hooks = []
+        for name, module in self._observed_network().named_modules():
+            if name not in stats:
+                continue
+            mean, var = stats[name]
+
+            def hook(_module, inputs, name=name, mean=mean, var=var):
+                if self._observing:
+                    for cb in list(self._observers):
+                        cb(name, inputs[0].detach(), mean, var)
+
+            hooks.append(module.register_forward_pre_hook(hook))
+        self._observer_hooks = hooks
+
+    def __repr__(self) -> str:
+        shown = {k: v for k, v in self.hyperparameters.items() if k not in ("generator", "prototypes")}
+        return f"{type(self).__name__}({shown})"
+
+
+class _ObserverHandle:
+    def __init__(self, adapter: Adapter, callback: Callable):
+        self._adapter, self._callback = adapter, callback
+
+    def remove(self) -> None:
+        a = self._adapter
+        if self._callback in a._observers:
+            a._observers.remove(self._callback)
+        if not a._observers:
+            for h in getattr(a, "_observer_hooks", []):
+                h.remove()
+            a._observer_hooks = []
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+class NormalisationAdapter(Adapter):
+    """Base of the BN-only adapters: one network that shares the source weights and owns its
+    buffers (statistics, components). Its per-stream state is exactly those buffers."""
+
+    deferred_update = False
+
+    def __init__(self, model: nn.Module, **hyperparameters):
+        super().__init__(model, **hyperparameters)
+        self.net = self._build(model)
+        self._remember_generator()
+        self._initial = {k: v.detach().clone() for k, v in self.net.state_dict().items()
+                         if not _shares_storage(v, model)}
+
+    def _build(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def _predict(self, x):
+        return self._observe(self.net, x)
+
+    def _observed_network(self):
+        return self.net
+
+    def _reset(self):
+        self._load_state(self._initial)
+
+    def _state(self):
+        return {k: v.detach().clone() for k, v in self.net.state_dict().items() if k in self._initial}
+
+    def _load_state(self, state):
+        own = dict(self.net.named_buffers())
+        missing = set(self._initial) - set(state)
+        if missing:
+            raise ValueError(f"state dict lacks {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                target = own.get(k)
+                if target is None:
+                    raise ValueError(f"unexpected key {k!r} in state dict")
+                target.copy_(v)
+
+
+def _shares_storage(t: torch.Tensor, model: nn.Module) -> bool:
+    return any(t.data_ptr() == s.data_ptr() for s in list(model.parameters()) + list(model.buffers()))
+
+
+NORM = Hyperparameter(
+    "norm", "bn", str, "bn | bn-alpha | unmix-tns",
+    "normalisation under the weight update: bn = batch statistics (the reference); bn-alpha or "
+    "unmix-tns swap in those layers first, as UnMix-TNS's authors stacked them",
+    lambda v: v in ("bn", "bn-alpha", "unmix-tns"))
+NORM_OPTIONS = Hyperparameter(
+    "norm_options", None, object, "None or a dict of the norm adapter's hyperparameters",
+    "hyperparameters of the `norm` layers (e.g. {'k': 16} for unmix-tns)",
+    lambda v: v is None or isinstance(v, dict))
+AUGMENT = Hyperparameter(
+    "augment", None, object, "None or a callable batch -> batch in [0, 1]",
+    "test-time augmentation; None: the CoTTA 'hard' transform drawn from the adapter's generator",
+    lambda v: v is None or callable(v))
+
+
+class GradientAdapter(Adapter):
+    """Base of the weight-updating adapters: a student network trained by Adam, one step per
+    batch. Subclasses build their networks and implement `_forward_loss(x) -> (prediction,
+    loss)` and `_after_step()`."""
+
+    updates_weights = True
+    uses_randomness = True
+
+    def _norm_network(self, model: nn.Module, own_weights: bool = True) -> nn.Module:
+        from .common import build_normalised_network
+
+        norm = self.hyperparameters["norm"]
+        options = dict(self.hyperparameters["norm_options"] or {})
+        if norm != "bn":
+            from . import REGISTRY
+            options = {k: v for k, v in REGISTRY[norm].validate(options).items() if k not in ("seed", "generator")}
+        elif options:
+            raise ValueError("hyperparameter 'norm_options' is only for norm='bn-alpha' or 'unmix-tns'")
+        return build_normalised_network(model, norm, self.generator, options, own_weights=own_weights)
+
+    def _augment(self):
+        from .augment import CottaAugment
+
+        return self.hyperparameters["augment"] or CottaAugment(self.generator)
+
+    def _setup_optimizer(self, params: list[tuple[str, nn.Parameter]], lr: float, betas=(0.9, 0.999)) -> None:
+        self.trainable = params
+        self.optimizer = torch.optim.Adam([p for _, p in params], lr=lr, betas=betas, weight_decay=0.0)
+        source_state = self.source.state_dict()
+        self.source_weights = {name: source_state[name] for name, _ in params}
+
+    def _finish_init(self, networks: dict[str, nn.Module]) -> None:
+        """Record the networks whose state is per-stream, and the initial state for reset()."""
+        self.networks = networks
+        self._initial = self._state()
+        self._remember_generator()
+
+    def _predict(self, x):
+        with torch.enable_grad():
+            prediction, loss = self._forward_loss(x)
+        self._loss = loss
+        return prediction
+
+    def _learn(self):
+        loss, self._loss = self._loss, None
+        with torch.enable_grad():
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self._after_step()
+        return {"loss": float(loss.detach())}
+
+    def _discard(self):
+        self._loss = None
+        self.optimizer.zero_grad()
+
+    def _forward_loss(self, x):
+        raise NotImplementedError
+
+    def _after_step(self):
+        pass
+
+    def _reset(self):
+        self._load_state(self._initial)
+
+    def _state(self):
+        # Per-stream tensors only: whatever shares storage with the source model is left out.
+        shared = {t.data_ptr() for t in list(self.source.parameters()) + list(self.source.buffers())}
+        state = {name: {k: v.detach().clone() for k, v in net.state_dict().items() if v.data_ptr() not in shared}
+                 for name, net in self.networks.items()}
+        state["optimizer"] = _clone(self.optimizer.state_dict())
+        return state
+
+    def _load_state(self, state):
+        with torch.no_grad():
+            for name, net in self.networks.items():
+                own = net.state_dict()
+                expected = set(self._initial[name]) if hasattr(self, "_initial") else set(state[name])
+                if set(state.get(name, {})) != expected:
+                    raise ValueError(f"state dict does not match this adapter's {name!r} network")
+                for k, v in state[name].items():
+                    own[k].copy_(v)
+        self.optimizer.load_state_dict(_clone(state["optimizer"]))
+
+    def _adapted_weights(self):
+        return [(p, self.source_weights[name]) for name, p in self.trainable]
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj

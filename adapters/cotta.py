@@ -1,0 +1,80 @@
+"""`cotta`: CoTTA (Wang et al., CVPR 2022), continual test-time adaptation, in the benchmark
+ordering (mariodoebler/test-time-adaptation, classification/methods/cotta.py).
+
+Networks (all with batch-statistics BN): the student (every weight and bias trained by Adam),
+the teacher (EMA of the student) and the anchor (source weights, never updated). Per batch:
+1. s = student(x);
+2. conf = mean over the batch of the anchor's max softmax;
+3. t = teacher(x) if conf >= threshold, else the mean of the teacher's logits over
+   `n_augmentations` augmented copies of x;
+4. loss = mean CE from softmax(t) to the student (symmetric ½/½ with loss="sce");
+5. Adam step; teacher ← ema·teacher + (1−ema)·student over all parameters;
+6. stochastic restore: each weight element returns to its source value with restore_prob
+   (masks drawn on the CPU in named_modules order, after the update);
+7. the prediction is t, the teacher's logits from before the update."""
+import torch
+
+from .base import AUGMENT, NORM, NORM_OPTIONS, GradientAdapter, Hyperparameter, in_range
+from .common import (direct_weights_and_biases, ema_update, own_copy, rebind_to_source,
+                     stochastic_restore, symmetric_cross_entropy, teacher_cross_entropy)
+
+HYPERPARAMETERS = (
+    Hyperparameter("lr", 1e-3, float, "(0, 1]", "Adam learning rate", in_range(0, 1, low_open=True)),
+    Hyperparameter("betas", (0.9, 0.999), tuple, "two numbers in [0, 1)", "Adam betas",
+                   lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
+    Hyperparameter("ema", 0.999, float, "[0, 1]", "teacher EMA momentum", in_range(0, 1)),
+    Hyperparameter("restore_prob", 0.01, float, "[0, 1]",
+                   "probability that a weight element is restored to its source value after each step",
+                   in_range(0, 1)),
+    Hyperparameter("threshold", 0.92, float, "[0, 1]",
+                   "anchor-confidence threshold below which the teacher averages augmented passes "
+                   "(0.92 CIFAR10, 0.72 CIFAR100, 0.1 ImageNet)", in_range(0, 1)),
+    Hyperparameter("n_augmentations", 32, int, "integer in [1, 1024]", "augmented teacher passes",
+                   in_range(1, 1024)),
+    Hyperparameter("loss", "ce", str, "ce | sce",
+                   "ce: teacher-to-student cross-entropy (CIFAR); sce: symmetric ½/½ (ImageNet-style)",
+                   lambda v: v in ("ce", "sce")),
+    AUGMENT, NORM, NORM_OPTIONS,
+)
+
+
+class CoTTA(GradientAdapter):
+    name = "cotta"
+    summary = ("CoTTA: weight-averaged teacher, augmentation-averaged pseudo-labels and stochastic "
+               "restoration to the source weights; updates all weights.")
+    HYPERPARAMETERS = HYPERPARAMETERS
+
+    def __init__(self, model, **hyperparameters):
+        super().__init__(model, **hyperparameters)
+        hp = self.hyperparameters
+        self.student = self._norm_network(model).requires_grad_(True)
+        self._setup_optimizer(direct_weights_and_biases(self.student), hp["lr"], hp["betas"])
+        self.teacher = own_copy(self.student).requires_grad_(False)
+        self.anchor = own_copy(self.student)
+        rebind_to_source(self.anchor, self.source.state_dict())  # source weights, batch-stat BN
+        self.augment = self._augment()
+        self._finish_init({"student": self.student, "teacher": self.teacher, "anchor": self.anchor})
+
+    def _observed_network(self):
+        return self.student
+
+    def _forward_loss(self, x):
+        hp = self.hyperparameters
+        student_logits = self._observe(self.student, x)
+        with torch.no_grad():
+            confidence = torch.softmax(self.anchor(x), dim=1).max(1)[0].mean(0)
+            if confidence < hp["threshold"]:
+                teacher_logits = torch.stack([self.teacher(self.augment(x)) for _ in range(hp["n_augmentations"])]).mean(0)
+            else:
+                teacher_logits = self.teacher(x)
+        if hp["loss"] == "ce":
+            loss = teacher_cross_entropy(student_logits, teacher_logits).mean(0)
+        else:
+            loss = symmetric_cross_entropy(student_logits, teacher_logits, 0.5).mean(0)
+        return teacher_logits, loss
+
+    def _after_step(self):
+        hp = self.hyperparameters
+        ema_update(self.teacher, self.student, hp["ema"])
+        if hp["restore_prob"] > 0:
+            stochastic_restore(self.trainable, self.source_weights, hp["restore_prob"], self.generator)
