@@ -8,7 +8,11 @@ BIN    := $(VENV)/bin
 #   make demo TORCH_SPEC="torch==2.13.0 --index-url <your CPU or CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo serve test bench clean
+# Debian packages the tests use: the Fashion-MNIST data, a real Prometheus (promtool and the
+# server, for the monitoring tests) and Chromium (to render the console dashboards headless).
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium
+
+.PHONY: install system-deps demo serve test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +30,16 @@ demo: $(BIN)/.installed
 serve: $(BIN)/.installed
 	$(BIN)/tta serve
 
-test: $(BIN)/.installed
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	  else echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing); tests that need them will fail"; fi; \
+	fi
+
+test: $(BIN)/.installed system-deps
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/.installed
