@@ -131,6 +131,11 @@ class Adapter:
     def __init__(self, model: nn.Module, **hyperparameters):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.jit.ScriptModule):
+            # its BN layers run compiled code that ignores the train/eval switches and swapped
+            # layers adapters rely on: adapting would silently return the source prediction
+            raise ValueError("adapters need an eager nn.Module; a TorchScript module cannot be adapted "
+                             "(load the Python model class with its state dict instead)")
         self.hyperparameters = self.validate(hyperparameters)
         self.source = model  # never mutated; shared read-only
         self.device = _device_of(model)

@@ -238,3 +238,9 @@ def test_state_bytes_counts_per_stream_state_only():
     assert 2 * weights <= cotta.state_bytes() < 3 * weights  # student and teacher; Adam has no moments yet
     cotta.step(stream(1)[0])
     assert cotta.state_bytes() > 4 * weights  # student, teacher and two Adam moments
+
+
+def test_torchscript_models_are_refused():
+    scripted = torch.jit.script(tiny_cnn())
+    with pytest.raises(ValueError, match="TorchScript"):
+        adapters.create("bn", scripted)
