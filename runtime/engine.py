@@ -68,6 +68,23 @@ class InferResult:
     class_marginal_entropy: float
 
 
+@dataclass(frozen=True)
+class Guard:
+    """Collapse guard for weight-updating policies: when a stream's predictions pile onto few
+    classes (class-marginal entropy ratio below `max_marginal_entropy`) while the model is sure
+    of them (mean confidence above `min_confidence`) for `patience` consecutive batches, the
+    stream is rolled back to its latest snapshot, or reset to the source when it has none.
+    A label-sorted stream looks alike only if the model is also overconfident on it."""
+
+    action: str = "rollback"  # rollback | reset | off
+    patience: int = 8
+    max_marginal_entropy: float = 0.2
+    min_confidence: float = 0.9
+
+    def collapsed(self, stream: "Stream") -> bool:
+        return stream.class_marginal_entropy < self.max_marginal_entropy and stream.confidence > self.min_confidence
+
+
 @dataclass
 class Stream:
     id: str
@@ -94,9 +111,11 @@ class Stream:
     snapshots: list[str] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     counters_changed: bool = False  # counters newer than the evicted record on disk
+    collapsed_batches: int = 0  # consecutive batches that looked collapsed (the guard's count)
+    guard_trips: int = 0
 
     COUNTERS = ("batches", "samples", "bn_shift", "entropy", "confidence", "class_marginal_entropy",
-                "weight_distance", "last_loss", "feedback_labels", "feedback_correct")
+                "weight_distance", "last_loss", "feedback_labels", "feedback_correct", "guard_trips")
 
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in self.COUNTERS}
@@ -112,8 +131,9 @@ class _Job:
 class Engine:
     def __init__(self, model: LoadedModel, metrics: Metrics | None = None, state_dir: str | None = None,
                  max_streams: int = 1024, memory_budget_bytes: int = 2 << 30, max_queue: int = 256,
-                 max_batch: int = 256):
+                 max_batch: int = 256, guard: Guard | None = None):
         self.model = model
+        self.guard = guard or Guard()
         self.metrics = metrics or Metrics(model.name, model.tracked_streams)
         self.max_streams = max_streams
         self.memory_budget = memory_budget_bytes
@@ -414,6 +434,7 @@ class Engine:
         stream.class_marginal_entropy = stream.marginal.update(figures["probs"])
         if bn_shift is not None:
             stream.bn_shift = bn_shift
+        self._check_collapse(stream)
         self._remember(request_id, stream, figures["predicted"])
         self.metrics.batch(stream.id, stream.policy, len(x), figures, bn_shift, stream.class_marginal_entropy,
                            started - enqueued, inference_seconds)
@@ -422,6 +443,30 @@ class Engine:
                              confidence=stream.confidence, class_marginal_entropy=stream.class_marginal_entropy)
         self._enforce_memory_budget(keep=stream.id)
         return result
+
+    def _check_collapse(self, stream: Stream) -> None:
+        """The collapse guard (see Guard): acts after the reply of the batch that trips it, by
+        dropping that batch's pending update and restoring a good state."""
+        guard = self.guard
+        if guard.action == "off" or stream.adapter is None or not stream.adapter.updates_weights:
+            return
+        stream.collapsed_batches = stream.collapsed_batches + 1 if guard.collapsed(stream) else 0
+        if stream.collapsed_batches < guard.patience:
+            return
+        stream.collapsed_batches = 0
+        stream.guard_trips += 1
+        stream.pending = False
+        stream.adapter.discard()
+        if guard.action == "rollback" and stream.snapshots:
+            self._op_rollback(stream.id, "")
+            action = f"rolled back to snapshot {stream.snapshots[-1]!r}"
+        else:
+            self._op_reset(stream.id, reason="guard")
+            action = "reset to the source state"
+        self.metrics.guard_trip(stream.id, stream.policy, "rollback" if "rolled" in action else "reset")
+        log.warning("collapse guard: stream %r (%s) %s after %d batches with class-marginal entropy %.2f and "
+                    "confidence %.2f", stream.id, stream.policy, action, guard.patience,
+                    stream.class_marginal_entropy, stream.confidence)
 
     def _release(self, stream_id: str) -> None:
         stream = self.streams.get(stream_id)
@@ -464,7 +509,8 @@ class Engine:
                 "last_loss": stream.last_loss, "feedback_labels": stream.feedback_labels,
                 "feedback_correct": stream.feedback_correct,
                 "accuracy": stream.feedback_correct / stream.feedback_labels if stream.feedback_labels else 0.0,
-                "snapshots": list(stream.snapshots), "idle_seconds": time.monotonic() - stream.last_used}
+                "snapshots": list(stream.snapshots), "idle_seconds": time.monotonic() - stream.last_used,
+                "guard_trips": stream.guard_trips}
 
     def _op_get(self, stream_id: str) -> dict:
         stream = self.streams.get(stream_id)

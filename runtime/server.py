@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 import adapters
 from runtime import protos
-from runtime.engine import WIRE_FORBIDDEN, Engine, EngineError
+from runtime.engine import WIRE_FORBIDDEN, Engine, EngineError, Guard
 from runtime.metrics import Metrics
 from runtime.model_config import ConfigError, LoadedModel, load
 from runtime.preprocess import InputError, decode, has_typed_contents, serialize_bytes
@@ -81,6 +81,11 @@ def add_arguments(p) -> None:
                    help="adapted state kept in memory; least recently used streams beyond it go to disk")
     p.add_argument("--max-queue", type=int, default=256, help="batches waiting for the engine; more: RESOURCE_EXHAUSTED")
     p.add_argument("--max-batch", type=int, default=256, help="largest batch per request")
+    p.add_argument("--guard", choices=("rollback", "reset", "off"), default="rollback",
+                   help="collapse guard for weight-updating policies: roll a collapsed stream back to its latest "
+                        "snapshot (reset it when it has none), always reset it, or do nothing (default: rollback)")
+    p.add_argument("--guard-patience", type=int, default=8, metavar="BATCHES",
+                   help="consecutive collapsed-looking batches before the guard acts (default: 8)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get at shutdown")
     p.add_argument("--shutdown-delay", type=float, default=0.0,
                    help="seconds to keep serving after SIGTERM with health NOT_SERVING, so load balancers "
@@ -515,7 +520,7 @@ async def serve(args) -> int:
     metrics = Metrics(model.name, model.tracked_streams)
     engine = Engine(model, metrics, state_dir=args.state_dir, max_streams=args.max_streams,
                     memory_budget_bytes=int(args.memory_budget_mb * 2**20), max_queue=args.max_queue,
-                    max_batch=args.max_batch)
+                    max_batch=args.max_batch, guard=Guard(action=args.guard, patience=args.guard_patience))
     log.info("model %r loaded: %s on %s, input [N, %d, %d, %d], %d classes%s", model.name, model.platform,
              model.device, model.channels, model.height, model.width, model.num_classes,
              "" if model.can_adapt() else " (frozen: source policy only)")

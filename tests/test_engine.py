@@ -489,3 +489,47 @@ def test_tls_serves_tritonclient_and_ctl_and_refuses_plaintext(tiny_config, tmp_
         assert out.returncode == 0 and "default: policy bn" in out.stdout, out.stderr
     finally:
         assert srv.stop() == 0
+
+
+def _collapse_run(tiny, guard, snapshot_after=None, n=30):
+    """TENT with a huge learning rate on a stream: entropy minimisation collapses the
+    predictions onto one class with full confidence within a few batches."""
+    xs = batches(n, size=32, seed=5)
+
+    async def scenario(engine):
+        await engine.call("set_policy", "c", "tent", {"lr": "1.0"})
+        trace = []
+        for t, x in enumerate(xs):
+            r = await engine.infer("c", x)
+            trace.append((r.class_marginal_entropy, r.confidence))
+            if snapshot_after is not None and t == snapshot_after:
+                await engine.call("snapshot", "c", "good")
+        info = await engine.call("get", "c")
+        resets = engine.metrics.resets.labels("tiny", "tent", "_other", "guard")._value.get()
+        rollbacks = engine.metrics.rollbacks.labels("tiny", "tent", "_other")._value.get()
+        return trace, info, resets, rollbacks
+
+    return run_engine(tiny, scenario, guard=guard)
+
+
+def test_collapse_guard_resets_a_collapsed_stream(tiny):
+    from runtime.engine import Guard
+
+    trace, info, resets, rollbacks = _collapse_run(tiny, Guard(action="rollback", patience=3))
+    assert any(m < 0.2 and c > 0.9 for m, c in trace), f"the stream never collapsed: {trace}"
+    assert info["guard_trips"] >= 1 and resets == info["guard_trips"] and rollbacks == 0  # no snapshot: reset
+
+
+def test_collapse_guard_rolls_back_to_the_latest_snapshot(tiny):
+    from runtime.engine import Guard
+
+    _, info, resets, rollbacks = _collapse_run(tiny, Guard(action="rollback", patience=3), snapshot_after=0)
+    assert info["guard_trips"] >= 1 and rollbacks == info["guard_trips"] and resets == 0
+
+
+def test_collapse_guard_off_leaves_the_stream_alone(tiny):
+    from runtime.engine import Guard
+
+    trace, info, resets, rollbacks = _collapse_run(tiny, Guard(action="off"))
+    assert info["guard_trips"] == 0 and resets == 0 and rollbacks == 0
+    assert trace[-1][0] < 0.2 and trace[-1][1] > 0.9  # still collapsed at the end
