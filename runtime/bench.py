@@ -10,6 +10,7 @@ Ratios are the result; absolute times depend on the machine, which is printed wi
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -31,6 +32,9 @@ def add_arguments(p):
     p.add_argument("--batches", type=int, default=None, help="timed batches per measurement (default 20; 5 with --quick)")
     p.add_argument("--adapters", default=None, help="comma-separated policies (default: all)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads here and in the server (default: torch's; on a busy machine 1 avoids "
+                        "thread oversubscription)")
     p.add_argument("--no-grpc", action="store_true", help="skip the gRPC vs in-process comparison")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
@@ -99,6 +103,9 @@ def bench_adapters(model, names, batches, device, prototypes=None) -> list[dict]
 
 
 def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the server subprocess
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = args.batches or (5 if args.quick else 20)
     names = args.adapters.split(",") if args.adapters else (
