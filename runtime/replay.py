@@ -35,6 +35,8 @@ EXAMPLES = """examples:
 Data: the Fashion-MNIST test split (apt-get install dataset-fashion-mnist), corrupted once into
 the cache (~/.cache/tta-runtime or $TTA_CACHE_DIR). --hp applies to every selected adapter that
 has the hyperparameter; prefix it to aim at one: --hp cotta.lr=1e-5.
+Cost: cotta runs 32 augmented teacher passes per batch (~50-90 ms per image on 2 CPU cores), so
+on CPU use --n-per-domain (docs/RESULTS.md: 1 000 per domain, all adapters, 35 min).
 """
 
 SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
