@@ -276,24 +276,39 @@ class Engine:
         if not self.persistent:
             return
         for stream_id in self.store.saved_streams():
-            try:
-                record = self.store.load_stream(stream_id)
-            except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the server
-                log.warning("skipping unreadable state of stream %r: %s", stream_id, e)
-                continue
-            stream = Stream(id=stream_id, policy=record["policy"], hyperparameters=record["hyperparameters"],
-                            resident=False, step=int(record.get("step", 0)))
-            for k, v in record.get("counters", {}).items():
-                setattr(stream, k, v)
-            stream.snapshots = self.store.snapshots(stream_id)
-            self.streams[stream_id] = stream
+            stream = self._saved_stream(stream_id)
+            if stream is not None:
+                self.streams[stream_id] = stream
         if self.streams:
             log.info("found saved state of %d streams in %s", len(self.streams), self.store.root)
         self._update_stream_gauges()
 
+    def _saved_stream(self, stream_id: str) -> Stream | None:
+        """A stream whose state is on disk in the state dir (evicted, not yet loaded), or None."""
+        if not self.persistent or not self.store.stream_path(stream_id).exists():
+            return None
+        try:
+            record = self.store.load_stream(stream_id)
+        except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the server
+            log.warning("skipping unreadable state of stream %r: %s", stream_id, e)
+            return None
+        stream = Stream(id=stream_id, policy=record["policy"], hyperparameters=record["hyperparameters"],
+                        resident=False, step=int(record.get("step", 0)))
+        for k, v in record.get("counters", {}).items():
+            setattr(stream, k, v)
+        stream.snapshots = self.store.snapshots(stream_id)
+        return stream
+
     def _stream(self, stream_id: str, create: bool = True) -> Stream:
         """The stream, resident in memory (loaded back from disk if evicted); LRU-touched."""
         stream = self.streams.get(stream_id)
+        if stream is None and len(self.streams) < self.max_streams:
+            # state another process left in a shared state dir (a replica that checkpointed it
+            # at shutdown, before the stream was routed here): resume it instead of starting over
+            stream = self._saved_stream(stream_id)
+            if stream is not None:
+                self.streams[stream_id] = stream
+                log.info("resuming stream %r from %s", stream_id, self.store.root)
         if stream is None:
             if not create:
                 raise EngineError("NOT_FOUND", f"stream {stream_id!r} does not exist (streams are created by their "

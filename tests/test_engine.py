@@ -533,3 +533,32 @@ def test_collapse_guard_off_leaves_the_stream_alone(tiny):
     trace, info, resets, rollbacks = _collapse_run(tiny, Guard(action="off"))
     assert info["guard_trips"] == 0 and resets == 0 and rollbacks == 0
     assert trace[-1][0] < 0.2 and trace[-1][1] > 0.9  # still collapsed at the end
+
+
+def test_running_replica_resumes_a_stream_another_replica_checkpointed(tiny, tmp_path):
+    """Scale-in or failover with a shared state dir: replica B is already running when replica A
+    checkpoints stream "moved" at shutdown; B's first request for it continues A's state
+    exactly, instead of starting from the source model."""
+    xs = batches(5, seed=8)
+    want = reference_outputs(tiny, "tent", xs, lr="0.01")
+    shared = str(tmp_path / "shared")
+
+    async def scenario():
+        a = Engine(tiny, state_dir=shared)
+        b = Engine(tiny, state_dir=shared)  # started before A saved anything
+        try:
+            await a.call("set_policy", "moved", "tent", {"lr": "0.01"})
+            got = [(await a.infer("moved", x)).logits for x in xs[:3]]
+            await a.drain_and_checkpoint()
+            got += [(await b.infer("moved", x)).logits for x in xs[3:]]
+            info = await b.call("get", "moved")
+            restored = b.metrics.restores.labels("tiny", "disk")._value.get()
+            return got, info, restored
+        finally:
+            a.close()
+            b.close()
+
+    got, info, restored = asyncio.run(scenario())
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert info["policy"] == "tent" and info["step"] == 5 and info["batches"] == 5 and restored == 1
