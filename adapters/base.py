@@ -493,6 +493,16 @@ class GradientAdapter(Adapter):
     def _adapted_weights(self):
         return [(p, self.source_weights[name]) for name, p in self.trainable]
 
+    def state_bytes(self) -> int:
+        """Per-stream bytes, counted without copying, with Adam's two moments per trained
+        parameter included from the start (Adam allocates them at the first step), so that a
+        memory budget sees the size the stream will have."""
+        shared = {t.data_ptr() for t in list(self.source.parameters()) + list(self.source.buffers())}
+        own = sum(v.numel() * v.element_size() for net in self.networks.values()
+                  for v in net.state_dict().values() if v.data_ptr() not in shared)
+        moments = sum(2 * p.numel() * p.element_size() for group in self.optimizer.param_groups for p in group["params"])
+        return own + moments
+
 
 def _clone(obj):
     if isinstance(obj, torch.Tensor):
