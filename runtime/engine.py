@@ -217,6 +217,13 @@ class Engine:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every accepted batch has been answered (or `timeout` passes)."""
+        deadline = time.monotonic() + timeout
+        while self._queued > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self._queued == 0
+
     async def drain_and_checkpoint(self) -> int:
         """Finish queued work and pending updates, then (with a state dir) save every stream.
         Returns the number of streams saved."""

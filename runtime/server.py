@@ -600,7 +600,11 @@ async def serve(args) -> int:
     if args.shutdown_delay > 0:
         await asyncio.sleep(args.shutdown_delay)
     engine.stop_accepting()  # new batches: UNAVAILABLE; queued ones still complete
-    await server.stop(args.grace)
+    # Answer what is queued while the transport still takes calls (late arrivals get our
+    # UNAVAILABLE, which clients retry, instead of gRPC's CANCELLED), then close it.
+    started = time.monotonic()
+    await engine.wait_idle(args.grace)
+    await server.stop(max(args.grace - (time.monotonic() - started), 1.0))
     saved = await engine.drain_and_checkpoint()
     if engine.persistent:
         log.info("checkpointed %d streams to %s", saved, engine.store.root)
