@@ -5,13 +5,8 @@ tritonclient and our own `inference` stubs cannot share a process (both register
 `inference.*` in protobuf's default pool), so the server always runs in a subprocess here."""
 from __future__ import annotations
 
-import os
 import queue
-import socket
 import statistics
-import subprocess
-import sys
-import time
 
 import numpy as np
 import torch
@@ -21,54 +16,17 @@ import adapters
 POLICIES = ("source", "bn")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(policy: str, timeout: float = 120.0):
-    """`tta serve` on free loopback ports; returns (process, grpc address)."""
-    import tritonclient.grpc as grpcclient
-
-    port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", str(metrics_port), "--policy", policy]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "TTA_NO_PROGRESS": "1"})
-    address = f"127.0.0.1:{port}"
-    client = grpcclient.InferenceServerClient(address)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tta serve exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if client.is_server_ready():
-                return proc, address
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"tta serve did not become ready within {timeout:.0f} s")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 def bench_grpc(model, batches, device, quick: bool = False) -> list[dict]:
     import tritonclient.grpc as grpcclient
 
     from runtime.bench import time_call
+    from runtime.demo import StartedServer
 
     rows = []
     for policy in POLICIES:
-        proc, address = start_server(policy)
+        server = StartedServer(0, -1, extra_args=("--policy", policy))
         try:
-            client = grpcclient.InferenceServerClient(address)
+            client = grpcclient.InferenceServerClient(server.target)
             meta = client.get_model_metadata(_model_name(client))
             in_name, out_name, model_name = meta.inputs[0].name, meta.outputs[0].name, meta.name
 
@@ -109,7 +67,7 @@ def bench_grpc(model, batches, device, quick: bool = False) -> list[dict]:
                 t = statistics.median(times)
                 rows.append({"path": f"{policy}: {label}", "ms_per_batch": t * 1e3, "ratio": t / base})
         finally:
-            stop_server(proc)
+            server.stop()
     return rows
 
 

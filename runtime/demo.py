@@ -70,8 +70,9 @@ def parse_phases(text: str) -> list[tuple[str, int]]:
 class StartedServer:
     """`tta serve` (demo model) in a subprocess; stopped with SIGTERM like an operator would."""
 
-    def __init__(self, port: int, metrics_port: int, model: str | None = None):
-        cmd = [sys.executable, "-m", "runtime.server", "--port", str(port), "--metrics-port", str(metrics_port)]
+    def __init__(self, port: int, metrics_port: int, model: str | None = None, extra_args: tuple[str, ...] = ()):
+        cmd = [sys.executable, "-m", "runtime.server", "--port", str(port), "--metrics-port", str(metrics_port),
+               *extra_args]
         if model:
             cmd += ["--model", model]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
