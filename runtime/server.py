@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 import adapters
 from runtime import protos
+from runtime.checkpoints import SNAPSHOT_NAME, _file_name
 from runtime.engine import WIRE_FORBIDDEN, Engine, EngineError, Guard
 from runtime.metrics import Metrics
 from runtime.model_config import ConfigError, LoadedModel, load
@@ -51,8 +52,11 @@ EXTENSIONS = ["classification", "model_configuration", "parameters", "sequence",
               "statistics", "tta"]
 STREAM_WINDOW = 16  # requests of one ModelStreamInfer call read ahead and queued
 TOKEN_ENV = "TTA_CONTROL_TOKEN"
+INFERENCE_TOKEN_ENV = "TTA_INFERENCE_TOKEN"
 CONTROL_SERVICE = "/tta.v1.AdaptationService/"
 READ_ONLY_CONTROL = {"ListPolicies", "GetStream", "ListStreams"}
+INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
+OPEN_INFERENCE = {"ServerLive", "ServerReady"}  # probes; everything else needs the inference token when set
 
 EXAMPLES = """examples:
   tta serve                                   # the built-in demo model on 127.0.0.1:8001, metrics :8002
@@ -80,6 +84,12 @@ def add_arguments(p) -> None:
     p.add_argument("--memory-budget-mb", type=float, default=2048.0,
                    help="adapted state kept in memory; least recently used streams beyond it go to disk")
     p.add_argument("--max-queue", type=int, default=256, help="batches waiting for the engine; more: RESOURCE_EXHAUSTED")
+    p.add_argument("--max-stream-queue", type=int, default=64,
+                   help="batches of one stream waiting for the engine; more: RESOURCE_EXHAUSTED (one busy "
+                        "stream cannot fill the whole queue)")
+    p.add_argument("--checkpoint-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="with --state-dir: every this many seconds, checkpoint the streams that changed "
+                        "(0: only at eviction and shutdown; default: 30)")
     p.add_argument("--max-batch", type=int, default=256, help="largest batch per request")
     p.add_argument("--guard", choices=("rollback", "reset", "off"), default="rollback",
                    help="collapse guard for weight-updating policies: roll a collapsed stream back to its latest "
@@ -97,6 +107,9 @@ def add_arguments(p) -> None:
     p.add_argument("--control-token-file", help=f"require 'authorization: Bearer <token>' on control RPCs that change "
                                                f"state (token read from this file, or from ${TOKEN_ENV}); "
                                                f"inference and read-only control RPCs stay open")
+    p.add_argument("--inference-token-file", help=f"require 'authorization: Bearer <token>' on inference RPCs too "
+                                                 f"(token read from this file, or from ${INFERENCE_TOKEN_ENV}); "
+                                                 f"ServerLive, ServerReady and grpc.health.v1 stay open for probes")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -118,6 +131,28 @@ def _set_parameter(params, key: str, value) -> None:
 def _parameter_value(p):
     which = p.WhichOneof("parameter_choice")
     return getattr(p, which) if which else None
+
+
+MAX_FILE_NAME = 240  # bytes; file systems allow 255 for a name, the rest is for suffixes
+
+
+def _check_stream_id(engine: Engine, stream_id: str | None) -> str:
+    """The engine's rules, plus: a stream id must map to one file name of a sane length (its
+    percent-encoding can be 9 times longer than the id), so no request reaches the file system
+    with a name it cannot hold."""
+    stream_id = engine.check_stream_id(stream_id)
+    if len(_file_name(stream_id)) > MAX_FILE_NAME:
+        raise EngineError("INVALID_ARGUMENT", f"stream id {stream_id[:40]!r}... is too long once encoded as a file "
+                                              f"name; use a shorter id (ASCII letters, digits, '-', '_', '.')")
+    return stream_id
+
+
+def _check_snapshot_name(name: str) -> str:
+    """Empty (the server picks one) or SNAPSHOT_NAME over the whole string (a trailing newline too)."""
+    if name and not SNAPSHOT_NAME.fullmatch(name):
+        raise EngineError("INVALID_ARGUMENT", f"snapshot name {name[:80]!r}: use letters, digits, '.', '_', '-' "
+                                              f"(at most 64, starting with a letter or digit)")
+    return name
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -223,13 +258,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                                   f"{from_parameter!r}, header {STREAM_HEADER}={from_header!r}")
         if not (from_parameter or from_header) and "sequence_id" in request.parameters:
             sequence = _parameter_value(request.parameters["sequence_id"])  # Triton's sequence extension
-            if sequence not in (None, 0, "", False):
+            if isinstance(sequence, (bool, float)):
+                raise EngineError("INVALID_ARGUMENT", "request parameter 'sequence_id' must be an integer or a string")
+            if sequence not in (None, 0, ""):
                 return str(sequence)
         return from_parameter or from_header
 
     @staticmethod
     def _sequence_flags(request) -> tuple[bool, bool]:
-        flag = lambda key: key in request.parameters and bool(_parameter_value(request.parameters[key]))  # noqa: E731
+        def flag(key: str) -> bool:
+            value = _parameter_value(request.parameters[key]) if key in request.parameters else False
+            if not isinstance(value, bool):  # a string "false" must not reset a stream
+                raise EngineError("INVALID_ARGUMENT", f"request parameter {key!r} must be a bool")
+            return value
         return flag("sequence_start"), flag("sequence_end")
 
     def _decode(self, request) -> np.ndarray:
@@ -273,7 +314,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _prepare(self, request, context) -> tuple[str | None, np.ndarray, list[tuple[str, int]]]:
         """Validate and decode a request: (stream id, model input, requested outputs)."""
         self._check_model(request.model_name, request.model_version)
-        stream_id = self._stream_id(request, context)
+        stream_id = _check_stream_id(self.engine, self._stream_id(request, context))
+        self._sequence_flags(request)  # validated here, before any work
         try:
             outputs = self._requested_outputs(request)
             if request.inputs and request.inputs[0].datatype in ("BYTES", "UINT8"):
@@ -398,7 +440,7 @@ class AdaptationService(tta_grpc.AdaptationServiceServicer):
             await context.abort(_status(e.code), e.message)
 
     def _stream_id(self, request) -> str:
-        return self.engine.check_stream_id(request.stream_id)
+        return _check_stream_id(self.engine, request.stream_id)
 
     async def ListPolicies(self, request, context):
         async def answer():
@@ -446,13 +488,15 @@ class AdaptationService(tta_grpc.AdaptationServiceServicer):
 
     async def Snapshot(self, request, context):
         async def answer():
-            name, info = await self.engine.call("snapshot", self._stream_id(request), request.name)
+            name, info = await self.engine.call("snapshot", self._stream_id(request),
+                                                _check_snapshot_name(request.name))
             return tta_pb.SnapshotResponse(name=name, stream=_stream_info(info))
         return await self._run("Snapshot", request, context, answer)
 
     async def Rollback(self, request, context):
         async def answer():
-            return _stream_info(await self.engine.call("rollback", self._stream_id(request), request.name))
+            return _stream_info(await self.engine.call("rollback", self._stream_id(request),
+                                                       _check_snapshot_name(request.name)))
         return await self._run("Rollback", request, context, answer)
 
     async def Feedback(self, request, context):
@@ -463,28 +507,51 @@ class AdaptationService(tta_grpc.AdaptationServiceServicer):
         return await self._run("Feedback", request, context, answer)
 
 
-class ControlAuth(grpc.aio.ServerInterceptor):
-    """Control RPCs that change state need the bearer token (compared in constant time)."""
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Bearer tokens, compared in constant time. The control token guards the control RPCs that
+    change state; the inference token guards the inference service except ServerLive/ServerReady
+    (liveness and readiness reveal nothing and probes cannot send tokens). grpc.health.v1 and
+    reflection stay open."""
 
-    def __init__(self, token: str):
-        self.expected = f"Bearer {token}".encode()
+    def __init__(self, control_token: str | None, inference_token: str | None):
+        self.control = control_token.encode() if control_token else None
+        self.inference = inference_token.encode() if inference_token else None
+
+    def _required(self, method: str) -> tuple[bytes, str, str] | None:
+        """(token, which token, how a client sends it) that this method needs, or None."""
+        if self.control and method.startswith(CONTROL_SERVICE) and \
+                method[len(CONTROL_SERVICE):] not in READ_ONLY_CONTROL:
+            return self.control, "control", f"tta ctl: --token or ${TOKEN_ENV}"
+        if self.inference and method.startswith(INFERENCE_SERVICE) and \
+                method[len(INFERENCE_SERVICE):] not in OPEN_INFERENCE:
+            return self.inference, "inference", "tritonclient: headers={'authorization': 'Bearer <token>'}"
+        return None
 
     async def intercept_service(self, continuation, details):
-        method = details.method
-        if method.startswith(CONTROL_SERVICE) and method[len(CONTROL_SERVICE):] not in READ_ONLY_CONTROL:
-            given = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), None)
-            if given is None:
-                return _denied(grpc.StatusCode.UNAUTHENTICATED, "this control RPC needs 'authorization: Bearer "
-                                                                f"<token>' (tta ctl: --token or ${TOKEN_ENV})")
-            if not hmac.compare_digest(str(given).encode(), self.expected):
-                return _denied(grpc.StatusCode.PERMISSION_DENIED, "wrong control token")
-        return await continuation(details)
+        handler = await continuation(details)
+        required = self._required(details.method)
+        if required is None or handler is None:
+            return handler
+        expected, which, how = required
+        given = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), None)
+        scheme, _, token = str(given or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
+                           f"{'missing' if given is None else 'malformed'} authorization: this RPC needs metadata "
+                           f"'authorization: Bearer <{which} token>' ({how})")
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, f"wrong {which} token")
+        return handler
 
 
-def _denied(code: grpc.StatusCode, message: str):
+def _denied(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same kind (unary or streaming) as `handler` that only fails."""
     async def deny(request, context):
         await context.abort(code, message)
-    return grpc.unary_unary_rpc_method_handler(deny)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[handler.request_streaming, handler.response_streaming](
+        deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
 def _tls_credentials(args):
@@ -504,11 +571,12 @@ def _tls_credentials(args):
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def _control_token(args) -> str | None:
-    if args.control_token_file:
-        with open(args.control_token_file) as f:
+def _token(path: str | None, env: str) -> str | None:
+    """A bearer token from a file (stripped), else from the environment variable."""
+    if path:
+        with open(path) as f:
             return f.read().strip() or None
-    return os.environ.get(TOKEN_ENV) or None
+    return os.environ.get(env, "").strip() or None
 
 
 async def serve(args) -> int:
@@ -520,7 +588,8 @@ async def serve(args) -> int:
     metrics = Metrics(model.name, model.tracked_streams)
     engine = Engine(model, metrics, state_dir=args.state_dir, max_streams=args.max_streams,
                     memory_budget_bytes=int(args.memory_budget_mb * 2**20), max_queue=args.max_queue,
-                    max_batch=args.max_batch, guard=Guard(action=args.guard, patience=args.guard_patience))
+                    max_batch=args.max_batch, guard=Guard(action=args.guard, patience=args.guard_patience),
+                    max_stream_queue=args.max_stream_queue, checkpoint_interval=args.checkpoint_interval)
     log.info("model %r loaded: %s on %s, input [N, %d, %d, %d], %d classes%s", model.name, model.platform,
              model.device, model.channels, model.height, model.width, model.num_classes,
              "" if model.can_adapt() else " (frozen: source policy only)")
@@ -532,8 +601,10 @@ async def serve(args) -> int:
         return 2
 
     max_bytes = int(args.max_message_mb * 2**20)
-    token = _control_token(args)
-    server = grpc.aio.server(interceptors=[ControlAuth(token)] if token else [], options=[
+    token = _token(args.control_token_file, TOKEN_ENV)
+    inference_token = _token(args.inference_token_file, INFERENCE_TOKEN_ENV)
+    auth = [BearerAuth(token, inference_token)] if token or inference_token else []
+    server = grpc.aio.server(interceptors=auth, options=[
         ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
@@ -584,7 +655,9 @@ async def serve(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if token:
-        log.info("control RPCs that change state require the bearer token")
+        log.info("control RPCs that change state require the control bearer token")
+    if inference_token:
+        log.info("inference RPCs (but ServerLive/ServerReady) require the inference bearer token")
     policy_note = f"default policy {model.default_policy}" + (f"; {'; '.join(model.notes)}" if model.notes else "")
     # One parseable line for scripts and tests (ports may have been chosen by the OS).
     tls_note = "; TLS" + (" with client certificates" if args.tls_client_ca else "") if args.tls_cert else ""
