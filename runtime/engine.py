@@ -34,7 +34,7 @@ import torch
 
 import adapters
 from runtime import drift
-from runtime.checkpoints import SNAPSHOT_NAME, StateStore
+from runtime.checkpoints import SNAPSHOT_NAME, CorruptCheckpoint, StateStore
 from runtime.metrics import OTHER, Metrics
 from runtime.model_config import LoadedModel
 
@@ -110,9 +110,10 @@ class Stream:
     feedback_correct: int = 0
     snapshots: list[str] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
-    counters_changed: bool = False  # counters newer than the evicted record on disk
     collapsed_batches: int = 0  # consecutive batches that looked collapsed (the guard's count)
     guard_trips: int = 0
+    dirty: bool = False  # changed since its last checkpoint
+    queued: int = 0  # batches of this stream waiting for the engine
 
     COUNTERS = ("batches", "samples", "bn_shift", "entropy", "confidence", "class_marginal_entropy",
                 "weight_distance", "last_loss", "feedback_labels", "feedback_correct", "guard_trips")
@@ -131,13 +132,19 @@ class _Job:
 class Engine:
     def __init__(self, model: LoadedModel, metrics: Metrics | None = None, state_dir: str | None = None,
                  max_streams: int = 1024, memory_budget_bytes: int = 2 << 30, max_queue: int = 256,
-                 max_batch: int = 256, guard: Guard | None = None):
+                 max_batch: int = 256, guard: Guard | None = None, max_stream_queue: int = 64,
+                 checkpoint_interval: float = 0.0):
         self.model = model
         self.guard = guard or Guard()
         self.metrics = metrics or Metrics(model.name, model.tracked_streams)
         self.max_streams = max_streams
         self.memory_budget = memory_budget_bytes
         self.max_queue = max_queue
+        self.max_stream_queue = max_stream_queue
+        self._stream_queued: collections.Counter[str] = collections.Counter()  # event-loop side
+        # periodic checkpoints of changed streams (with a state dir); 0 = only at eviction and shutdown
+        self.checkpoint_interval = checkpoint_interval if state_dir else 0.0
+        self._last_checkpoint = time.monotonic()
         self.max_batch = max_batch
         self.persistent = state_dir is not None
         self._tmp_dir = None if state_dir else tempfile.mkdtemp(prefix="tta-state-")
@@ -157,30 +164,42 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------------ event-loop side
-    def _enqueue(self, fn: Callable[[], Any], is_batch: bool = False) -> asyncio.Future:
-        """Put a job on the queue now (so callers control the order) and return its future."""
+    def _enqueue(self, fn: Callable[[], Any], stream_id: str | None = None) -> asyncio.Future:
+        """Put a job on the queue now (so callers control the order) and return its future.
+        `stream_id`: the job is a batch of that stream, counted against the queue limits."""
         if not self._accepting:
             raise EngineError("UNAVAILABLE", "the server is shutting down; retry on another replica")
-        if is_batch and self._queued >= self.max_queue:
-            raise EngineError("RESOURCE_EXHAUSTED", f"the engine queue is full ({self.max_queue} batches waiting); "
-                                                    f"retry later or raise --max-queue")
+        if stream_id is not None:
+            if self._queued >= self.max_queue:
+                self.metrics.rejected.labels(self.model.name, "global_queue").inc()
+                raise EngineError("RESOURCE_EXHAUSTED", f"the engine queue is full ({self.max_queue} batches "
+                                                        f"waiting); retry later or raise --max-queue")
+            if self._stream_queued[stream_id] >= self.max_stream_queue:
+                self.metrics.rejected.labels(self.model.name, "stream_queue").inc()
+                raise EngineError("RESOURCE_EXHAUSTED", f"stream {stream_id!r} already has {self.max_stream_queue} "
+                                                        f"batches waiting; wait for replies before sending more, or "
+                                                        f"raise --max-stream-queue")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        if is_batch:
+        if stream_id is not None:
             self._queued += 1
+            self._stream_queued[stream_id] += 1
             self.metrics.queue_depth.labels(self.model.name).set(self._queued)
-            future.add_done_callback(self._batch_done)
+            future.add_done_callback(lambda f: self._batch_done(f, stream_id))
         self._jobs.put(_Job(fn, future, loop))
         return future
 
-    def _batch_done(self, future) -> None:
+    def _batch_done(self, future, stream_id: str) -> None:
         if not future.cancelled():
             future.exception()  # mark it retrieved: a stream whose client left may never await it
         self._queued -= 1
+        self._stream_queued[stream_id] -= 1
+        if self._stream_queued[stream_id] <= 0:
+            del self._stream_queued[stream_id]
         self.metrics.queue_depth.labels(self.model.name).set(self._queued)
 
-    async def _submit(self, fn: Callable[[], Any], is_batch: bool = False):
-        return await self._enqueue(fn, is_batch)
+    async def _submit(self, fn: Callable[[], Any]):
+        return await self._enqueue(fn)
 
     def enqueue_infer(self, stream_id: str | None, x: np.ndarray, request_id: str = "", start: bool = False,
                       end: bool = False) -> asyncio.Future:
@@ -192,7 +211,7 @@ class Engine:
         stream_id = self.check_stream_id(stream_id)
         request_id = request_id or f"req-{next(self._request_ids)}"
         enqueued = time.monotonic()
-        return self._enqueue(lambda: self._predict(stream_id, x, request_id, enqueued, start, end), is_batch=True)
+        return self._enqueue(lambda: self._predict(stream_id, x, request_id, enqueued, start, end), stream_id)
 
     async def infer(self, stream_id: str | None, x: np.ndarray, request_id: str = "", start: bool = False,
                     end: bool = False) -> InferResult:
@@ -247,8 +266,12 @@ class Engine:
     def _worker(self) -> None:
         torch.set_grad_enabled(True)
         while True:
+            self._maybe_checkpoint()
             try:
-                job = self._jobs.get_nowait() if self._has_pending() else self._jobs.get()
+                if self._has_pending():
+                    job = self._jobs.get_nowait()
+                else:  # wake up for the next periodic checkpoint even when no request comes
+                    job = self._jobs.get(timeout=self.checkpoint_interval or None)
             except queue.Empty:
                 try:
                     self._learn_one_pending()  # nothing waiting: apply an owed update now
@@ -268,6 +291,15 @@ class Engine:
                 result, error = None, EngineError("INTERNAL", f"{type(e).__name__}: {e}")
             if job.future is not None:
                 job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+
+    def _maybe_checkpoint(self) -> None:
+        if self.checkpoint_interval and time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
+            try:
+                self._checkpoint(changed_only=True, reason="periodic")
+            except Exception:  # noqa: BLE001 - a full disk must not stop serving; it is counted and logged
+                log.exception("periodic checkpoint failed")
+                self.metrics.checkpoint_failures.labels(self.model.name).inc()
+            self._last_checkpoint = time.monotonic()
 
     def _has_pending(self) -> bool:
         return any(s.pending for s in self.streams.values())
@@ -388,7 +420,12 @@ class Engine:
         self._install(stream, adapter)
 
     def _load_back(self, stream: Stream) -> None:
-        record = self.store.load_stream(stream.id)
+        try:
+            record = self.store.load_stream(stream.id)
+        except CorruptCheckpoint as e:
+            raise EngineError("DATA_LOSS", f"the saved state of stream {stream.id!r} is damaged and has no intact "
+                                           f"previous checkpoint ({e}); the file was set aside. Delete the stream "
+                                           f"(tta ctl delete) to start it over from the source model") from None
         self._apply_record(stream, record)
         self.metrics.restores.labels(self.model.name, "disk").inc()
         self._update_stream_gauges()
@@ -396,9 +433,8 @@ class Engine:
     def _evict(self, stream: Stream) -> None:
         if stream.pending:
             self._learn(stream)
-        self.store.save_stream(stream.id, self._record(stream))
+        self._save(stream, "eviction")
         stream.adapter, stream.bn_probe, stream.resident, stream.state_bytes = None, None, False, 0
-        stream.counters_changed = False
         self.metrics.evictions.labels(self.model.name).inc()
 
     def _enforce_memory_budget(self, keep: str) -> None:
@@ -449,6 +485,7 @@ class Engine:
         self.totals["compute_ns"] += int(inference_seconds * 1e9)
         self.totals["last_inference_ms"] = int(time.time() * 1000)
         figures = drift.batch_figures(logits)
+        stream.dirty = True
         stream.batches += 1
         stream.samples += len(x)
         stream.entropy = float(figures["entropy"].mean())
@@ -557,6 +594,7 @@ class Engine:
         stream.policy, stream.hyperparameters = policy, dict(hyperparameters)
         stream.step, stream.feedback_labels, stream.feedback_correct = 0, 0, 0
         stream.weight_distance, stream.last_loss = 0.0, 0.0
+        stream.dirty = True
         self._install(stream, adapter)
         self.metrics.reset(stream_id, old_policy, "policy_change")
         self.metrics.stream_started(stream_id, policy)
@@ -569,6 +607,7 @@ class Engine:
             stream.adapter.reset()
         stream.pending, stream.step, stream.weight_distance, stream.last_loss = False, 0, 0.0, 0.0
         stream.marginal = drift.Marginal(self.model.num_classes)
+        stream.dirty = True
         self.metrics.reset(stream_id, stream.policy, reason)
         return self._info(stream)
 
@@ -606,8 +645,12 @@ class Engine:
         if name not in stream.snapshots:
             raise EngineError("NOT_FOUND", f"stream {stream_id!r} has no snapshot {name!r}; it has: "
                                            f"{', '.join(stream.snapshots)}")
-        record = self.store.load_snapshot(stream_id, name)
+        try:
+            record = self.store.load_snapshot(stream_id, name)
+        except CorruptCheckpoint as e:
+            raise EngineError("DATA_LOSS", f"snapshot {name!r} of stream {stream_id!r} is damaged: {e}") from None
         self._apply_record(stream, record)
+        stream.dirty = True
         stream.marginal = drift.Marginal(self.model.num_classes)
         self.metrics.rollback(stream_id, stream.policy)
         self._enforce_memory_budget(keep=stream_id)
@@ -632,26 +675,43 @@ class Engine:
         if stream is not None and stream.policy == policy:
             stream.feedback_labels += len(labels)
             stream.feedback_correct += correct
-            stream.counters_changed = not stream.resident
+            stream.dirty = True
         self.metrics.feedback(stream_id, policy, correct, len(labels))
         accuracy = stream.feedback_correct / stream.feedback_labels if stream and stream.feedback_labels else 0.0
         return {"stream_id": stream_id, "policy": policy, "correct": correct, "total": len(labels),
                 "stream_accuracy": accuracy}
 
     def _op_checkpoint_all(self) -> int:
-        saved = 0
+        """At shutdown: every owed update applied, every stream saved (with a state dir)."""
         for stream in self.streams.values():
-            if stream.resident:
+            if stream.resident and stream.pending:
+                self._learn(stream)
+        return self._checkpoint(changed_only=False, reason="shutdown") if self.persistent else 0
+
+    def _checkpoint(self, changed_only: bool, reason: str) -> int:
+        """Save streams (those changed since their last checkpoint, or all resident ones); a
+        stream owed an update gets it first, so the checkpoint holds what every reply led to."""
+        started, saved = time.monotonic(), 0
+        for stream in self.streams.values():
+            if stream.resident and (stream.dirty or not changed_only):
                 if stream.pending:
                     self._learn(stream)
-                if self.persistent:
-                    self.store.save_stream(stream.id, self._record(stream))
-                    saved += 1
-            elif self.persistent and stream.counters_changed:  # feedback arrived while it was on disk
+                self._save(stream, reason)
+                saved += 1
+            elif not stream.resident and stream.dirty:  # feedback counted while its state was on disk
                 record = self.store.load_stream(stream.id)
                 record["counters"] = stream.counters()
                 self.store.save_stream(stream.id, record)
+                stream.dirty = False
+                saved += 1
+        if saved:
+            self.metrics.checkpoint_seconds.labels(self.model.name).observe(time.monotonic() - started)
         return saved
+
+    def _save(self, stream: Stream, reason: str) -> None:
+        self.store.save_stream(stream.id, self._record(stream))
+        stream.dirty = False
+        self.metrics.checkpoints.labels(self.model.name, reason).inc()
 
 
 def _resolve(future: asyncio.Future, result, error) -> None:

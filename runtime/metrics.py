@@ -58,6 +58,15 @@ class Metrics:
                                  ["model"], registry=r)
         self.restores = Counter("tta_streams_restored_total", "Streams whose state was loaded from disk",
                                 ["model", "source"], registry=r)
+        self.rejected = Counter("tta_requests_rejected_total", "Batches refused with RESOURCE_EXHAUSTED because a "
+                                "queue was full, by which (global_queue, stream_queue)", ["model", "queue"], registry=r)
+        self.checkpoints = Counter("tta_checkpoints_total", "Stream states written to the state dir, by reason "
+                                   "(periodic, eviction, shutdown)", ["model", "reason"], registry=r)
+        self.checkpoint_seconds = Histogram("tta_checkpoint_duration_seconds", "Time to write a round of "
+                                            "checkpoints", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.checkpoint_failures = Counter("tta_checkpoint_failures_total", "Rounds of periodic checkpoints that "
+                                           "failed (disk full, permissions); the state stays in memory", ["model"],
+                                           registry=r)
         self.build = Info("tta_build", "Versions", registry=r)
         self.build.info({"torch": torch.__version__, "python": platform.python_version(),
                          "cuda": str(torch.version.cuda or "none")})
