@@ -433,7 +433,10 @@ class GradientAdapter(Adapter):
 
     def _setup_optimizer(self, params: list[tuple[str, nn.Parameter]], lr: float, betas=(0.9, 0.999)) -> None:
         self.trainable = params
-        self.optimizer = torch.optim.Adam([p for _, p in params], lr=lr, betas=betas, weight_decay=0.0)
+        # foreach: one fused kernel per Adam operation over all parameters instead of a loop
+        # (torch's default on CUDA already; on the CPU it gives the same numbers, bit for bit)
+        self.optimizer = torch.optim.Adam([p for _, p in params], lr=lr, betas=betas, weight_decay=0.0,
+                                          foreach=True)
         source_state = self.source.state_dict()
         self.source_weights = {name: source_state[name] for name, _ in params}
 

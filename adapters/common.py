@@ -149,16 +149,33 @@ def symmetric_cross_entropy(x: torch.Tensor, x_teacher: torch.Tensor, alpha: flo
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """θ' ← m·θ' + (1−m)·θ over ALL parameters (buffers untouched), as the reference does."""
-    for t, s in zip(teacher.parameters(), student.parameters()):
-        t.data = momentum * t.data + (1 - momentum) * s.data
+    """θ' ← m·θ' + (1−m)·θ over ALL parameters (buffers untouched), as the reference does.
+    Fused over the parameter list, with the reference's rounding: m·θ' and (1−m)·θ are each
+    rounded, then added (an add with alpha= would fuse the second product and differ)."""
+    teacher_params = [t.data for t in teacher.parameters()]
+    scaled_student = torch._foreach_mul([s.data for s in student.parameters()], 1 - momentum)
+    torch._foreach_mul_(teacher_params, momentum)
+    torch._foreach_add_(teacher_params, scaled_student)
 
 
 @torch.no_grad()
 def stochastic_restore(params: list[tuple[str, nn.Parameter]], source: dict[str, torch.Tensor],
                        probability: float, generator) -> None:
     """Each element of each weight/bias goes back to its source value with `probability`.
-    Masks are drawn on the CPU (torch.rand(p.shape)) in named_modules order, then moved."""
-    for name, p in params:
-        mask = (torch.rand(p.shape, generator=generator) < probability).float().to(p.device)
-        p.data = source[name] * mask + p * (1.0 - mask)
+    Masks are drawn on the CPU in named_modules order, then moved. One draw of all the elements
+    gives the same numbers as one torch.rand(p.shape) per parameter (the CPU generator fills
+    element by element), and the fused update keeps the reference's arithmetic
+    source·mask + p·(1 − mask)."""
+    if not params:
+        return
+    values = [p.data for _, p in params]
+    sizes = [v.numel() for v in values]
+    drawn = (torch.rand(sum(sizes), generator=generator) < probability).to(values[0].device)
+
+    def per_parameter(flat):
+        return [m.view(v.shape) for m, v in zip(flat.float().split(sizes), values)]
+
+    keep = torch._foreach_mul(values, per_parameter(~drawn))  # ~mask as floats is exactly 1 − mask
+    restored = torch._foreach_mul([source[name] for name, _ in params], per_parameter(drawn))
+    torch._foreach_add_(restored, keep)
+    torch._foreach_copy_(values, restored)
