@@ -5,10 +5,17 @@ The stream is built as the reference benchmark builds it (runtime/streams.py, AD
 from the demo model's Fashion-MNIST test split corrupted by runtime/corruptions.py. Each adapter
 is created fresh over the shipped demo model, reset where the setting says, and fed every batch
 with `step(x)`; the error of a sample is that of the logits `step` returned for it.
+
+With `--guard rollback|reset` every adapting run has a runtime/guard.StreamGuard: per batch the
+frozen source model predicts too, the guard sees both predictions, the last update's loss, the
+weight distance and the BN shift, and its verdict is applied as the engine would apply it
+(fallback: serve the source prediction and skip this batch's update; rollback: back to the last
+good in-memory snapshot, kept every --guard-snapshot-every healthy updates; reset: to source).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -20,7 +27,9 @@ import torch
 import adapters
 from runtime import corruptions as corr
 from runtime import datasets
+from runtime import guard as guarding
 from runtime.demo_model import build_demo_model, load_prototypes
+from runtime.drift import BNShift
 from runtime.progress import Progress
 from runtime.streams import ALIASES, SETTINGS, Stream, canonical_setting
 
@@ -31,6 +40,7 @@ EXAMPLES = """examples:
   tta replay --adapter cotta --norm unmix-tns --hp lr=1e-5 --batch-size 64
   tta replay --adapter bn-alpha --batch-size 1 --n-per-domain 100 --json
   tta replay --data slice ...       # the shipped 2 000-image demo slice (no Debian package needed)
+  tta replay --adapter source,tent --setting correlated --batch-size 64 --guard rollback   # collapse guard
 
 Data: the Fashion-MNIST test split (apt-get install dataset-fashion-mnist), corrupted once into
 the cache (~/.cache/tta-runtime or $TTA_CACHE_DIR). --hp applies to every selected adapter that
@@ -68,6 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="corruption cache (default ~/.cache/tta-runtime)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    parser.add_argument("--guard", choices=guarding.ACTIONS, default="off",
+                        help="collapse guard on every adapting run (runtime/guard.py): what to do on collapse")
+    parser.add_argument("--guard-patience", type=int, default=guarding.GuardConfig.patience)
+    parser.add_argument("--guard-snapshot-every", type=int, default=guarding.GuardConfig.snapshot_every,
+                        help="updates between automatic last-good snapshots")
+    parser.add_argument("--guard-min-batch", type=int, default=guarding.GuardConfig.min_batch,
+                        help="smaller batches are answered by the source model")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -119,6 +136,7 @@ class Result:
     seconds: float
     by_block: list[dict] = field(default_factory=list)  # per (domain, severity) block, in stream order
     hyperparameters: dict = field(default_factory=dict)
+    guard: dict = field(default_factory=dict)  # verdicts by reason, actions taken, largest signals
 
 
 def parse_adapters(values: list[str] | None) -> list[str]:
@@ -167,20 +185,73 @@ def check_hp_used(names: list[str], hp: list[str]) -> None:
             raise ValueError(f"--hp {item!r}: no selected adapter has hyperparameter {bare if dot else key!r}")
 
 
+class _Guarded:
+    """Applies a StreamGuard's verdicts to one adapter the way the engine does (guard.py)."""
+
+    def __init__(self, adapter, model: torch.nn.Module, config: guarding.GuardConfig):
+        self.adapter, self.model = adapter, model
+        self.guard = guarding.StreamGuard(config)
+        self.probe = BNShift()
+        adapter.observe_bn_inputs(self.probe)
+        self.snapshot = None
+        self.loss: float | None = None
+        self.actions = {"fallback": 0, "rollback": 0, "reset": 0}
+        self.max_weight_distance = 0.0
+
+    def reset(self) -> None:
+        self.guard.reset()
+        self.snapshot, self.loss = None, None
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.adapter
+        with torch.no_grad():
+            source_logits = self.model(x)  # the frozen forward the guard's source-level tests need
+        logits = a.predict(x)
+        distance = a.weight_distance() if a.updates_weights else None
+        self.max_weight_distance = max(self.max_weight_distance, distance or 0.0)
+        reason = self.guard.observe(logits.float().cpu().numpy(), source_logits.float().cpu().numpy(),
+                                    loss=self.loss, weight_distance=distance, bn_shift=self.probe.take())
+        if reason is None:
+            self.loss = a.learn().get("loss", self.loss)
+            if self.guard.snapshot_due(a.steps):
+                self.snapshot = copy.deepcopy(a.state_dict())
+            return logits
+        action = self.guard.action(reason)
+        self.actions[action if action != "rollback" or self.snapshot is not None else "reset"] += 1
+        a.discard()  # never learn from the batch that raised the verdict
+        if action == "rollback" and self.snapshot is not None:
+            a.load_state_dict(copy.deepcopy(self.snapshot))
+        elif action in ("rollback", "reset"):
+            a.reset()
+        if action != "fallback":
+            self.guard.after_action()
+            self.loss = None
+        # the reply: the source's on a fallback, or when the adapted logits are unusable
+        return source_logits if action == "fallback" or reason == "non_finite" else logits
+
+    def summary(self) -> dict:
+        return {"verdicts": {r: c for r, c in self.guard.counts.items() if c}, "actions": self.actions,
+                "max_weight_distance": round(self.max_weight_distance, 4)}
+
+
 def run_adapter(name: str, model: torch.nn.Module, stream: Stream, hyperparameters: dict, device: str = "cpu",
-                show_progress: bool = True) -> Result:
+                show_progress: bool = True, guard: guarding.GuardConfig | None = None) -> Result:
     """Feed the stream through a fresh adapter; errors per corruption and per block."""
     d = len(stream.corruptions)
     wrong, seen = np.zeros(d, np.int64), np.zeros(d, np.int64)
     blocks: dict[int, list[int]] = {}
     adapter = adapters.create(name, model, **hyperparameters)
+    guarded = _Guarded(adapter, model, guard) if guard and guard.action != "off" and adapter.adapts else None
     bar = Progress(total=len(stream), desc=f"{name:>12s}", disable=not show_progress)
     start = time.monotonic()
     for batch in stream:
         if batch.reset:
             adapter.reset()
+            if guarded:
+                guarded.reset()
+        x = torch.from_numpy(batch.x).to(device)
         with torch.set_grad_enabled(adapter.updates_weights):  # no autograd graph for statistics-only methods
-            logits = adapter.step(torch.from_numpy(batch.x).to(device))
+            logits = guarded.step(x) if guarded else adapter.step(x)
         miss = (logits.argmax(1).cpu().numpy() != batch.y)
         np.add.at(wrong, batch.domains, miss)
         np.add.at(seen, batch.domains, 1)
@@ -197,13 +268,22 @@ def run_adapter(name: str, model: torch.nn.Module, stream: Stream, hyperparamete
     shown = {k: v for k, v in hyperparameters.items() if k != "prototypes"}
     if "prototypes" in hyperparameters:
         shown["prototypes"] = "demo prototypes.pt"
-    return Result(name, errors, float(np.mean(list(errors.values()))), int(seen.sum()), seconds, by_block, shown)
+    return Result(name, errors, float(np.mean(list(errors.values()))), int(seen.sum()), seconds, by_block, shown,
+                  guarded.summary() if guarded else {})
+
+
+def guard_cell(summary: dict) -> str:
+    """Guard verdicts by reason, e.g. 'label_shift 12, weight_runaway 1'; '-' when unguarded."""
+    if not summary:
+        return "-"
+    return ", ".join(f"{r} {c}" for r, c in summary["verdicts"].items()) or "none"
 
 
 def format_table(results: list[Result], corruptions: list[str], title: str = "") -> str:
-    head = ["adapter"] + [SHORT.get(c, c[:5]) for c in corruptions] + ["mean", "time"]
+    guarded = any(r.guard for r in results)
+    head = ["adapter"] + [SHORT.get(c, c[:5]) for c in corruptions] + ["mean", "time"] + (["guard"] if guarded else [])
     rows = [[r.adapter] + [f"{r.errors[c]:.1f}" if c in r.errors else "-" for c in corruptions]
-            + [f"{r.mean:.1f}", f"{r.seconds:.0f}s"] for r in results]
+            + [f"{r.mean:.1f}", f"{r.seconds:.0f}s"] + ([guard_cell(r.guard)] if guarded else []) for r in results]
     widths = [max(len(row[i]) for row in [head] + rows) for i in range(len(head))]
     fmt = lambda row: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |"
     lines = [title] if title else []
@@ -221,6 +301,12 @@ def run(args) -> int:
             raise ValueError(f"--norm {args.norm!r}: not an adapter")
         if args.norm and not NORM_CAPABLE & set(names):
             raise ValueError(f"--norm composes with {', '.join(sorted(NORM_CAPABLE))}; none of them is selected")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        guard = guarding.GuardConfig(action=args.guard, patience=args.guard_patience,
+                                     snapshot_every=args.guard_snapshot_every, min_batch=args.guard_min_batch)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -248,7 +334,7 @@ def run(args) -> int:
             hp = hyperparameters_for(name, args.hp, args.norm, args.seed, prototypes)
             torch.manual_seed(args.seed)  # anything drawing from the global generator starts the same
             label = f"{name}+{args.norm}" if args.norm and name in NORM_CAPABLE else name
-            result = run_adapter(name, model, stream, hp, args.device, show)
+            result = run_adapter(name, model, stream, hp, args.device, show, guard)
             result.adapter = label
             results.append(result)
     except ValueError as e:
@@ -257,13 +343,14 @@ def run(args) -> int:
     config = {"setting": setting, "batch_size": args.batch_size, "severity": args.severity, "seed": args.seed,
               "corruptions": corruptions, "n_per_domain": args.n_per_domain, "delta": args.delta,
               "norm": args.norm, "hp": args.hp, "data": source.kind, "samples": stream.num_samples(),
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": torch.get_num_threads(), "guard": guard.__dict__ if args.guard != "off" else None}
     if args.json:
         print(json.dumps({"config": config, "results": [r.__dict__ for r in results]}, indent=2))
     else:
         sev = "1-5-1" if setting.startswith("gradual") else str(args.severity)
         title = (f"{setting}, severity {sev}, batch {args.batch_size}, seed {args.seed}, "
                  f"{stream.num_samples()} samples ({source.kind} test data)"
-                 + (f", δ={args.delta}" if setting.endswith("correlated") else "") + " - error %")
+                 + (f", δ={args.delta}" if setting.endswith("correlated") else "")
+                 + (f", guard {args.guard}" if args.guard != "off" else "") + " - error %")
         print(format_table(results, corruptions, title))
     return 0
