@@ -214,7 +214,7 @@ def bench_onnx(model, size, batch_sizes, batches: int, device) -> list[dict]:
     return rows
 
 
-def bench_cotta(model, batches, device) -> dict:
+def bench_cotta(model, batches, size, device) -> dict:
     """runtime/bench_adapters.py's figures when that module exists; otherwise marked not available."""
     try:
         from runtime import bench_adapters
@@ -222,7 +222,7 @@ def bench_cotta(model, batches, device) -> dict:
         return {"available": False, "note": "not available: runtime/bench_adapters.py is not in this checkout"}
     return {"available": True,
             "cotta_vs_serial": bench_adapters.cotta_vs_serial(model, batches, device, n_augmentations=32),
-            "grouped_bn_streams": bench_adapters.grouped_bn_streams(model, 8, batches[0].shape[0], device)}
+            "grouped_bn_streams": bench_adapters.grouped_bn_streams(model, 8, batches[0].shape[0], device, size=size)}
 
 
 # ---------------------------------------------------------------------------------- targets
@@ -279,7 +279,7 @@ def run(args) -> int:
     if "onnx" in sections:
         result["onnx"] = bench_onnx(model, size, (1, bs), n, device)
     if "cotta" in sections:
-        result["cotta"] = bench_cotta(model, batches[:n], device)
+        result["cotta"] = bench_cotta(model, batches[:n], size, device)
     if GRPC_SECTIONS & set(sections):
         result.update(_grpc_sections(args, sections, device, n, bs, names))
     result["targets"] = targets(result)
