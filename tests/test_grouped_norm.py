@@ -21,22 +21,24 @@ def batches(n, batch, size, seed=0):
             for i in range(n)]
 
 
+@pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "per-slice"])
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("policy", ["bn", "bn-alpha"])
-def test_grouped_forward_equals_serial_forwards(model_name, policy):
+def test_grouped_forward_equals_serial_forwards(model_name, policy, vectorised):
     factory, size = MODELS[model_name]
     net = adapters.create(policy, factory()).net
     xs = batches(12, 6, size)
     with torch.no_grad():
         serial = torch.cat([net(x) for x in xs])
-        with grouped(net, len(xs)):
+        with grouped(net, len(xs), vectorised):
             together = net(torch.cat(xs))
         plain = net(torch.cat(xs))  # outside the block: statistics of the whole stack again
     assert (together - serial).abs().max() <= 1e-5
     assert (plain - serial).abs().max() > 1e-3  # without grouping the stack would change the result
 
 
-def test_train_mode_running_statistics_advance_once_per_group():
+@pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "per-slice"])
+def test_train_mode_running_statistics_advance_once_per_group(vectorised):
     torch.manual_seed(0)
     make = lambda: randomise_bn(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.ReLU(),  # noqa: E731
                                               nn.Linear(4, 3), nn.BatchNorm1d(3, momentum=None)))
@@ -45,7 +47,7 @@ def test_train_mode_running_statistics_advance_once_per_group():
     xs = [torch.randn(7, 5) * (1 + i) for i in range(4)]
     with torch.no_grad():
         serial = torch.cat([serial_net(x) for x in xs])
-        with grouped(grouped_net, 4):
+        with grouped(grouped_net, 4, vectorised):
             together = grouped_net(torch.cat(xs))
     assert (together - serial).abs().max() <= 1e-5
     for (name, a), b in zip(serial_net.state_dict().items(), grouped_net.state_dict().values()):
@@ -53,12 +55,13 @@ def test_train_mode_running_statistics_advance_once_per_group():
     assert int(grouped_net[1].num_batches_tracked) == 4
 
 
-def test_the_block_restores_the_layers_even_after_an_error():
+@pytest.mark.parametrize("vectorised", [True, False], ids=["vectorised", "per-slice"])
+def test_the_block_restores_the_layers_even_after_an_error(vectorised):
     net = configure_batch_stats(tiny_cnn())
     x = torch.cat(batches(2, 4, 16))
     before = net(x)
     with pytest.raises(ValueError, match="cannot be split into 3 equal groups"):
-        with grouped(net, 3):
+        with grouped(net, 3, vectorised):
             net(x)
     assert torch.equal(net(x), before)
     assert not any("forward" in m.__dict__ for m in net.modules())
@@ -130,7 +133,20 @@ def test_cotta_under_unmix_tns_keeps_serial_teacher_passes():
 
 
 def _recording(context, calls):
-    def wrapper(net, groups):
+    def wrapper(net, groups, *args):
         calls.append(groups)
-        return context(net, groups)
+        return context(net, groups, *args)
     return wrapper
+
+
+def test_bench_figures_compare_equal_outputs():
+    from runtime.bench_adapters import cotta_vs_serial, grouped_bn_streams
+
+    model = tiny_cnn()
+    cotta = cotta_vs_serial(model, stream(4, batch=4), "cpu", n_augmentations=4)
+    assert cotta["steps"] == 2 and cotta["n_augmentations"] == 4 and cotta["batch"] == 4
+    assert cotta["max_abs_diff"] <= 1e-5
+    assert cotta["speedup"] == pytest.approx(cotta["serial_ms_per_step"] / cotta["ms_per_step"])
+    streams = grouped_bn_streams(model, 3, 4, "cpu", policy="bn-alpha", repeats=1, size=(16, 16))
+    assert streams["n_streams"] == 3 and streams["policy"] == "bn-alpha"
+    assert streams["max_abs_diff"] <= 1e-5 and streams["separate_ms"] > 0 and streams["grouped_ms"] > 0
