@@ -1,0 +1,152 @@
+"""The collapse guard (runtime/guard.py): each reason fires on a constructed case and stays quiet on
+a healthy one, and on a label-sorted replay stream the guarded TENT is no worse than the source
+while the unguarded one is."""
+import json
+
+import numpy as np
+import pytest
+
+from runtime import cli
+from runtime.guard import FALLBACK, GuardConfig, StreamGuard
+
+C = 10
+RNG = np.random.default_rng(0)
+
+
+def confident(labels, margin=6.0):
+    """Logits sure of the given classes (max probability ~0.99)."""
+    logits = RNG.normal(0, 0.1, (len(labels), C))
+    logits[np.arange(len(labels)), labels] += margin
+    return logits
+
+
+def iid(n=64):
+    return confident(RNG.integers(0, C, n))
+
+
+def feed(guard, batches, **signals):
+    """Verdicts of a sequence of (adapted, source) logit pairs with the same extra signals."""
+    return [guard.observe(a, s, **signals) for a, s in batches]
+
+
+def test_a_healthy_stream_raises_nothing_and_takes_snapshots():
+    guard = StreamGuard()
+    for step in range(1, 31):
+        x = iid()
+        assert guard.observe(x, x + RNG.normal(0, 0.5, x.shape), loss=0.3, weight_distance=0.05, bn_shift=0.2) is None
+        assert guard.snapshot_due(step) == (step % 10 == 0)
+    assert sum(guard.counts.values()) == 0
+
+
+@pytest.mark.parametrize("signals", [
+    {"loss": float("nan")}, {"weight_distance": float("inf")}, {"weights_finite": False}, {"nan_logits": True}])
+def test_non_finite_fires_at_once_and_blocks_the_snapshot(signals):
+    guard = StreamGuard()
+    adapted, source = iid(), iid()
+    if signals.pop("nan_logits", False):
+        adapted[3, 2] = np.nan
+    assert guard.observe(adapted, source, **signals) == "non_finite"
+    assert guard.action("non_finite") == "rollback" and not guard.healthy() and not guard.snapshot_due(10)
+    assert guard.counts["non_finite"] == 1
+
+
+def test_marginal_collapse_against_the_source_level_after_patience():
+    guard = StreamGuard(GuardConfig(patience=3))
+    # the source spreads over the classes; the adapted model answers class 0 for everything
+    verdicts = feed(guard, [(confident(np.zeros(64, int)), iid()) for _ in range(6)])
+    first = verdicts.index("marginal_collapse")
+    assert all(v is None for v in verdicts[:first]) and first >= 2  # patience: not on the first batch
+    assert guard.figures["marginal_entropy"] < guard.figures["marginal_floor"]
+
+
+def test_a_source_that_is_itself_concentrated_is_not_a_collapse():
+    # fog-like: the source piles onto 2 classes; an adapted model with the same spread is fine
+    guard = StreamGuard(GuardConfig(min_source_confidence=1.0))  # isolate the collapse test
+    two = lambda: confident(RNG.integers(0, 2, 64))
+    assert feed(guard, [(two(), two()) for _ in range(10)]) == [None] * 10
+
+
+def test_without_source_logits_the_absolute_floor_applies():
+    guard = StreamGuard(GuardConfig(patience=2))
+    assert feed(guard, [(confident(np.zeros(64, int)), None)] * 3)[-1] == "marginal_collapse"
+    assert feed(StreamGuard(), [(iid(), None) for _ in range(5)]) == [None] * 5
+
+
+def test_weight_runaway_needs_patience_and_a_large_distance():
+    guard = StreamGuard(GuardConfig(patience=2, max_weight_distance=1.0))
+    x = iid()
+    assert [guard.observe(x, x, weight_distance=d) for d in (0.5, 3.0, 0.5, 3.0, 3.0)] == \
+        [None, None, None, None, "weight_runaway"]
+
+
+def test_bn_shift_jump_without_recovery_fires_a_short_jump_does_not():
+    guard = StreamGuard(GuardConfig(bn_jump_patience=4))
+    x = iid()
+    shifts = [0.2] * 5 + [2.0, 2.0, 0.2] + [0.2] * 3  # a jump that recovers: a domain change followed
+    assert all(guard.observe(x, x, bn_shift=s) is None for s in shifts)
+    verdicts = [guard.observe(x, x, bn_shift=2.0) for _ in range(4)]
+    assert verdicts == [None, None, None, "bn_shift_jump"]
+
+
+def test_label_sorted_batches_fall_back_when_the_source_is_sure():
+    guard = StreamGuard()
+    for _ in range(5):
+        x = iid()
+        assert guard.observe(x, x) is None  # the long-run marginal of an i.i.d. stream
+    sorted_batch = confident(np.full(64, 3))
+    assert guard.observe(iid(), sorted_batch) == "label_shift"
+    assert guard.action("label_shift") == FALLBACK and guard.figures["label_kl"] > 1.0
+    # the same class mix but a source that is unsure (fog-like): the adapted model keeps the batch
+    unsure = confident(np.full(64, 3), margin=0.5)
+    assert guard.observe(iid(), unsure) is None
+
+
+def test_small_batches_fall_back_and_off_observes_nothing():
+    guard = StreamGuard(GuardConfig(min_batch=16))
+    assert guard.observe(iid(1), iid(1)) == "small_batch" and guard.action("small_batch") == FALLBACK
+    assert guard.observe(iid(16), iid(16)) is None
+    off = StreamGuard(GuardConfig(action="off"))
+    assert off.observe(iid(1), iid(1), loss=float("nan")) is None and not off.snapshot_due(10)
+
+
+def test_after_action_restarts_the_counters():
+    guard = StreamGuard(GuardConfig(patience=2))
+    x = iid()
+    guard.observe(x, x, weight_distance=5.0)
+    guard.after_action()
+    assert guard.observe(x, x, weight_distance=5.0) is None  # the count restarted
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError):
+        GuardConfig(action="explode")
+    with pytest.raises(ValueError):
+        GuardConfig(patience=0)
+
+
+# ----------------------------------------------------------------------------- replay
+
+REPLAY = ["replay", "--data", "slice", "--corruptions", "shot_noise,jpeg_compression", "--n-per-domain", "192",
+          "--batch-size", "64", "--setting", "correlated", "--delta", "0", "--adapter", "source,tent",
+          "--threads", "1", "--no-progress", "--json"]
+
+
+def replay(capsys, *extra):
+    assert cli.main(REPLAY + list(extra)) == 0
+    return {r["adapter"]: r for r in json.loads(capsys.readouterr().out)["results"]}
+
+
+def test_guarded_tent_is_no_worse_than_source_on_a_label_sorted_stream(capsys):
+    unguarded = replay(capsys, "--guard", "off")
+    guarded = replay(capsys, "--guard", "rollback")
+    source = guarded["source"]["mean"]
+    assert unguarded["source"]["mean"] == source and guarded["source"]["guard"] == {}  # source is never guarded
+    assert unguarded["tent"]["mean"] > source + 5  # the failure the guard is for
+    assert guarded["tent"]["mean"] <= source + 0.5
+    assert guarded["tent"]["guard"]["verdicts"].get("label_shift", 0) > 0
+    assert guarded["tent"]["guard"]["actions"]["fallback"] == sum(guarded["tent"]["guard"]["verdicts"].values())
+
+
+def test_replay_refuses_a_bad_guard_flag(capsys):
+    assert cli.main(REPLAY[:-1] + ["--guard", "rollback", "--guard-patience", "0"]) == 2
+    assert "error:" in capsys.readouterr().err
