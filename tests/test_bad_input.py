@@ -316,3 +316,11 @@ def test_bad_requests_get_their_status_and_harm_no_one(ctx):
     assert ctx.server.proc.poll() is None
     assert ctx.client.is_server_live() and ctx.client.is_server_ready()
     assert logits(ctx.client.infer("tiny", [fp32_input(X)], parameters={"stream_id": VICTIM})).shape == (4, 10)
+
+
+@pytest.mark.xfail(strict=True, reason="unmix-tns 'k' has no upper bound in adapters/: the allocation fails with a "
+                                       "RuntimeError (INTERNAL), and a merely large k can exhaust the server's memory")
+def test_unbounded_unmix_k_is_refused(ctx):
+    code, message = status(ctx.control.SetPolicy, tta_pb.SetPolicyRequest(
+        stream_id=VICTIM, policy="unmix-tns", hyperparameters={"k": str(10**12)}))
+    assert code == "INVALID_ARGUMENT", (code, message)
