@@ -90,3 +90,15 @@ def test_bad_flags_fail_with_exit_code_2(capsys):
     assert cli.main(BASE + ["--adapter", "bn", "--norm", "unmix-tns"]) == 2
     assert cli.main(BASE + ["--adapter", "tent", "--hp", "lr=abc"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_guard_column_and_json_summary(capsys):
+    assert cli.main(BASE + ["--adapter", "source,tent", "--guard", "reset", "--n-per-domain", "32"]) == 0
+    text = capsys.readouterr().out
+    header = next(line for line in text.splitlines() if line.startswith("| adapter"))
+    assert "guard reset" in text and header.split("|")[-2].strip() == "guard"
+    out = run_json(capsys, "--adapter", "tent", "--guard", "reset", "--n-per-domain", "32")
+    (result,) = out["results"]
+    assert out["config"]["guard"]["action"] == "reset"
+    assert set(result["guard"]) == {"verdicts", "actions", "max_weight_distance"}
+    assert sum(result["guard"]["actions"].values()) == sum(result["guard"]["verdicts"].values())
