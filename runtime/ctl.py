@@ -12,6 +12,9 @@ import grpc
 
 from runtime import protos
 
+CONTROL_TOKEN_ENV = "TTA_CONTROL_TOKEN"
+INFERENCE_TOKEN_ENV = "TTA_INFERENCE_TOKEN"
+
 EXAMPLES = """examples:
   tta ctl policies                              # what a stream can run, with hyperparameters
   tta ctl set-policy cam-1 cotta lr=0.0005      # validated; applied between two batches
@@ -34,8 +37,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tls-ca", help="PEM CA bundle to verify a TLS server (turns TLS on)")
     p.add_argument("--tls-cert", help="PEM client certificate, for servers that require one (mutual TLS)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--token", default=os.environ.get("TTA_CONTROL_TOKEN"),
-                   help="bearer token for servers started with a control token (default: $TTA_CONTROL_TOKEN)")
+    p.add_argument("--token", default=os.environ.get(CONTROL_TOKEN_ENV),
+                   help=f"bearer token for servers started with a control token (default: ${CONTROL_TOKEN_ENV})")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     sub.add_parser("policies", help="list policies and their hyperparameters")
     sp = sub.add_parser("set-policy", help="set a stream's policy: STREAM POLICY [key=value ...]")
@@ -98,6 +101,12 @@ def _channel(args):
     return grpc.secure_channel(args.target, credentials)
 
 
+def bearer_headers(token: str | None) -> dict[str, str] | None:
+    """The authorization header for a bearer token, as tritonclient's headers= takes it; None
+    without a token. Inference clients (demo, bench): bearer_headers(os.environ.get(INFERENCE_TOKEN_ENV))."""
+    return {"authorization": f"Bearer {token}"} if token else None
+
+
 class WithMetadata:
     """The stub, with the authorization metadata added to every call."""
 
@@ -112,7 +121,7 @@ class WithMetadata:
 def run(args) -> int:
     pb = protos.load("tta.v1.adaptation_pb2")
     pb_grpc = protos.load("tta.v1.adaptation_pb2_grpc")
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    metadata = list(bearer_headers(args.token).items()) if args.token else None
     with _channel(args) as channel:
         stub = WithMetadata(pb_grpc.AdaptationServiceStub(channel), metadata)
         m, t = args.model, args.timeout
