@@ -30,6 +30,8 @@ from grpc_reflection.v1alpha import reflection
 import adapters
 from runtime import protos
 from runtime.checkpoints import SNAPSHOT_NAME, _file_name
+from runtime.ctl import CONTROL_TOKEN_ENV as TOKEN_ENV
+from runtime.ctl import INFERENCE_TOKEN_ENV
 from runtime.engine import WIRE_FORBIDDEN, Engine, EngineError, Guard
 from runtime.metrics import Metrics
 from runtime.model_config import ConfigError, LoadedModel, load
@@ -51,8 +53,6 @@ STREAM_PARAMETER = "stream_id"
 EXTENSIONS = ["classification", "model_configuration", "parameters", "sequence", "sequence(string_id)",
               "statistics", "tta"]
 STREAM_WINDOW = 16  # requests of one ModelStreamInfer call read ahead and queued
-TOKEN_ENV = "TTA_CONTROL_TOKEN"
-INFERENCE_TOKEN_ENV = "TTA_INFERENCE_TOKEN"
 CONTROL_SERVICE = "/tta.v1.AdaptationService/"
 READ_ONLY_CONTROL = {"ListPolicies", "GetStream", "ListStreams"}
 INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
