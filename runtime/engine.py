@@ -113,6 +113,7 @@ class Stream:
     collapsed_batches: int = 0  # consecutive batches that looked collapsed (the guard's count)
     guard_trips: int = 0
     dirty: bool = False  # changed since its last checkpoint
+    damaged: str = ""  # why its saved state could not be read (answered DATA_LOSS until replaced or deleted)
     queued: int = 0  # batches of this stream waiting for the engine
 
     COUNTERS = ("batches", "samples", "bn_shift", "entropy", "confidence", "class_marginal_entropy",
@@ -329,8 +330,11 @@ class Engine:
         try:
             record = self.store.load_stream(stream_id)
         except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the server
-            log.warning("skipping unreadable state of stream %r: %s", stream_id, e)
-            return None
+            # keep the stream known: its clients must hear that its learned state is gone, not get
+            # a silently fresh model
+            log.error("the saved state of stream %r is unreadable: %s", stream_id, e)
+            return Stream(id=stream_id, policy=self.model.default_policy, hyperparameters={}, resident=False,
+                          damaged=str(e))
         stream = Stream(id=stream_id, policy=record["policy"], hyperparameters=record["hyperparameters"],
                         resident=False, step=int(record.get("step", 0)))
         for k, v in record.get("counters", {}).items():
@@ -338,8 +342,9 @@ class Engine:
         stream.snapshots = self.store.snapshots(stream_id)
         return stream
 
-    def _stream(self, stream_id: str, create: bool = True) -> Stream:
-        """The stream, resident in memory (loaded back from disk if evicted); LRU-touched."""
+    def _stream(self, stream_id: str, create: bool = True, load: bool = True) -> Stream:
+        """The stream, resident in memory (loaded back from disk if evicted, unless `load` is false:
+        for operations that replace or drop its state); LRU-touched."""
         stream = self.streams.get(stream_id)
         if stream is None and len(self.streams) < self.max_streams:
             # state another process left in a shared state dir (a replica that checkpointed it
@@ -360,7 +365,9 @@ class Engine:
             self._install(stream, self._new_adapter(stream.policy, stream.hyperparameters))
             self.streams[stream_id] = stream
             self.metrics.stream_started(stream_id, stream.policy)
-        elif not stream.resident:
+        elif not stream.resident and load:
+            if stream.damaged:
+                raise self._data_loss(stream)
             self._load_back(stream)
         self.streams.move_to_end(stream_id)
         stream.last_used = time.monotonic()
@@ -423,12 +430,18 @@ class Engine:
         try:
             record = self.store.load_stream(stream.id)
         except CorruptCheckpoint as e:
-            raise EngineError("DATA_LOSS", f"the saved state of stream {stream.id!r} is damaged and has no intact "
-                                           f"previous checkpoint ({e}); the file was set aside. Delete the stream "
-                                           f"(tta ctl delete) to start it over from the source model") from None
+            stream.damaged = str(e)
+            raise self._data_loss(stream) from None
         self._apply_record(stream, record)
         self.metrics.restores.labels(self.model.name, "disk").inc()
         self._update_stream_gauges()
+
+    @staticmethod
+    def _data_loss(stream: Stream) -> EngineError:
+        return EngineError("DATA_LOSS", f"the saved state of stream {stream.id!r} is damaged and has no intact "
+                                        f"previous checkpoint ({stream.damaged}); the file was set aside. Delete "
+                                        f"the stream (tta ctl delete) or set its policy to start it over from the "
+                                        f"source model")
 
     def _evict(self, stream: Stream) -> None:
         if stream.pending:
@@ -589,7 +602,8 @@ class Engine:
         adapter = self._new_adapter(policy, hyperparameters)  # validated before the stream is touched
         if stream_id not in self.streams and len(self.streams) >= self.max_streams:
             raise EngineError("RESOURCE_EXHAUSTED", f"stream limit of {self.max_streams} reached")
-        stream = self._stream(stream_id)
+        stream = self._stream(stream_id, load=False)  # its old state is replaced anyway
+        stream.damaged = ""
         old_policy = stream.policy
         stream.policy, stream.hyperparameters = policy, dict(hyperparameters)
         stream.step, stream.feedback_labels, stream.feedback_correct = 0, 0, 0
@@ -612,7 +626,7 @@ class Engine:
         return self._info(stream)
 
     def _op_delete(self, stream_id: str) -> dict:
-        stream = self._stream(stream_id, create=False)
+        stream = self._stream(stream_id, create=False, load=False)
         info = self._info(stream)
         del self.streams[stream_id]
         self.store.delete_stream(stream_id)
