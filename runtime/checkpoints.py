@@ -31,6 +31,7 @@ SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAGIC = b"TTA-CKPT-1\n"
 DIGEST_BYTES = 32
 TMP_SUFFIX = ".tmp"
+MAX_FILE_NAME = 240  # bytes; file systems allow 255 for a name, the rest is for suffixes
 PREV_SUFFIX = ".prev"
 
 
@@ -38,7 +39,7 @@ class CorruptCheckpoint(Exception):
     """A state file whose checksum does not match its contents (or that is cut short)."""
 
 
-def _file_name(stream_id: str) -> str:
+def file_name(stream_id: str) -> str:
     name = quote(stream_id, safe="") or "%00"
     # a leading dot would hide the file (and '.'/'..' name directories): encode it like any other byte
     return "%2E" + name[1:] if name.startswith(".") else name
@@ -126,7 +127,7 @@ class StateStore:
 
     # --- stream state -------------------------------------------------------------------
     def stream_path(self, stream_id: str) -> Path:
-        return self.root / "streams" / f"{_file_name(stream_id)}.pt"
+        return self.root / "streams" / f"{file_name(stream_id)}.pt"
 
     def save_stream(self, stream_id: str, record: dict) -> None:
         self._write(self.stream_path(stream_id), record, keep_previous=True)
@@ -138,7 +139,7 @@ class StateStore:
         path = self.stream_path(stream_id)
         path.unlink(missing_ok=True)
         path.with_name(path.name + PREV_SUFFIX).unlink(missing_ok=True)
-        folder = self.root / "snapshots" / _file_name(stream_id)
+        folder = self.root / "snapshots" / file_name(stream_id)
         if folder.is_dir():
             shutil.rmtree(folder)
 
@@ -147,7 +148,7 @@ class StateStore:
 
     # --- snapshots ------------------------------------------------------------------------
     def snapshot_path(self, stream_id: str, name: str) -> Path:
-        return self.root / "snapshots" / _file_name(stream_id) / f"{name}.pt"
+        return self.root / "snapshots" / file_name(stream_id) / f"{name}.pt"
 
     def save_snapshot(self, stream_id: str, name: str, record: dict) -> None:
         self._write(self.snapshot_path(stream_id, name), record)
@@ -157,7 +158,7 @@ class StateStore:
 
     def snapshots(self, stream_id: str) -> list[str]:
         """Names, oldest first."""
-        folder = self.root / "snapshots" / _file_name(stream_id)
+        folder = self.root / "snapshots" / file_name(stream_id)
         if not folder.is_dir():
             return []
         files = [p for p in folder.glob("*.pt") if not p.name.startswith(".")]

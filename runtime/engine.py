@@ -34,7 +34,7 @@ import torch
 
 import adapters
 from runtime import drift
-from runtime.checkpoints import SNAPSHOT_NAME, CorruptCheckpoint, StateStore
+from runtime.checkpoints import MAX_FILE_NAME, SNAPSHOT_NAME, CorruptCheckpoint, StateStore, file_name
 from runtime.metrics import OTHER, Metrics
 from runtime.model_config import LoadedModel
 
@@ -228,6 +228,11 @@ class Engine:
         if len(stream_id) > MAX_STREAM_ID or not stream_id.isprintable():
             raise EngineError("INVALID_ARGUMENT", f"stream id must be printable text of at most {MAX_STREAM_ID} "
                                                   f"characters, got {stream_id[:40]!r}...")
+        # a stream id names files in the state dir: its percent-encoding (up to 9 bytes a character)
+        # must fit in one file name, so no request reaches the file system with a name it cannot hold
+        if len(file_name(stream_id)) > MAX_FILE_NAME:
+            raise EngineError("INVALID_ARGUMENT", f"stream id {stream_id[:40]!r}... is too long once encoded as a "
+                                                  f"file name; use a shorter id (ASCII letters, digits, '-', '_', '.')")
         return stream_id
 
     def check_policy(self, policy: str, hyperparameters: dict[str, str]) -> None:
@@ -640,7 +645,7 @@ class Engine:
         if not name:
             taken = set(stream.snapshots)
             name = next(f"snap-{i}" for i in itertools.count(len(stream.snapshots) + 1) if f"snap-{i}" not in taken)
-        if not SNAPSHOT_NAME.match(name):
+        if not SNAPSHOT_NAME.fullmatch(name):
             raise EngineError("INVALID_ARGUMENT", f"snapshot name {name!r}: use letters, digits, '.', '_', '-' "
                                                   f"(at most 64, starting with a letter or digit)")
         if stream.pending:

@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 import adapters
 from runtime import protos
-from runtime.checkpoints import SNAPSHOT_NAME, _file_name
+from runtime.checkpoints import SNAPSHOT_NAME
 from runtime.ctl import CONTROL_TOKEN_ENV as TOKEN_ENV
 from runtime.ctl import INFERENCE_TOKEN_ENV
 from runtime.engine import WIRE_FORBIDDEN, Engine, EngineError, Guard
@@ -131,20 +131,6 @@ def _set_parameter(params, key: str, value) -> None:
 def _parameter_value(p):
     which = p.WhichOneof("parameter_choice")
     return getattr(p, which) if which else None
-
-
-MAX_FILE_NAME = 240  # bytes; file systems allow 255 for a name, the rest is for suffixes
-
-
-def _check_stream_id(engine: Engine, stream_id: str | None) -> str:
-    """The engine's rules, plus: a stream id must map to one file name of a sane length (its
-    percent-encoding can be 9 times longer than the id), so no request reaches the file system
-    with a name it cannot hold."""
-    stream_id = engine.check_stream_id(stream_id)
-    if len(_file_name(stream_id)) > MAX_FILE_NAME:
-        raise EngineError("INVALID_ARGUMENT", f"stream id {stream_id[:40]!r}... is too long once encoded as a file "
-                                              f"name; use a shorter id (ASCII letters, digits, '-', '_', '.')")
-    return stream_id
 
 
 def _check_snapshot_name(name: str) -> str:
@@ -314,7 +300,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _prepare(self, request, context) -> tuple[str | None, np.ndarray, list[tuple[str, int]]]:
         """Validate and decode a request: (stream id, model input, requested outputs)."""
         self._check_model(request.model_name, request.model_version)
-        stream_id = _check_stream_id(self.engine, self._stream_id(request, context))
+        stream_id = self.engine.check_stream_id(self._stream_id(request, context))
         self._sequence_flags(request)  # validated here, before any work
         try:
             outputs = self._requested_outputs(request)
@@ -440,7 +426,7 @@ class AdaptationService(tta_grpc.AdaptationServiceServicer):
             await context.abort(_status(e.code), e.message)
 
     def _stream_id(self, request) -> str:
-        return _check_stream_id(self.engine, request.stream_id)
+        return self.engine.check_stream_id(request.stream_id)
 
     async def ListPolicies(self, request, context):
         async def answer():
