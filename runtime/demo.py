@@ -108,8 +108,11 @@ class PolicyStream:
         self.tc, self.model, self.policy = tc, model, policy
         self.stream_id = f"demo-{policy}"
         self.replies: queue.Queue = queue.Queue()
+        from runtime.ctl import INFERENCE_TOKEN_ENV, bearer_headers
+
         self.client = tc.InferenceServerClient(target)
-        self.client.start_stream(callback=lambda result, error: self.replies.put((result, error)))
+        self.client.start_stream(callback=lambda result, error: self.replies.put((result, error)),
+                                 headers=bearer_headers(os.environ.get(INFERENCE_TOKEN_ENV)))
 
     def send(self, x: np.ndarray, request_id: str) -> None:
         inp = self.tc.InferInput("input", list(x.shape), "FP32")
@@ -168,9 +171,9 @@ def run(args) -> int:
     streams = []
     try:
         channel = grpc.insecure_channel(target)
-        from runtime.ctl import WithMetadata
+        from runtime.ctl import CONTROL_TOKEN_ENV, WithMetadata
 
-        token = os.environ.get("TTA_CONTROL_TOKEN")  # a started server inherits it too
+        token = os.environ.get(CONTROL_TOKEN_ENV)  # a started server inherits it too
         control = WithMetadata(pb_grpc.AdaptationServiceStub(channel),
                                 [("authorization", f"Bearer {token}")] if token else None)
         for policy in policies:
