@@ -77,6 +77,12 @@ def test_stateful_layers_are_not_groupable():
             pass
 
 
+@pytest.fixture
+def stacking_on_cpu(monkeypatch):
+    """CoTTA stacks its teacher passes on CUDA only (slower on the CPU); here on the CPU too."""
+    monkeypatch.setitem(adapters.cotta.MAX_GROUPED_ELEMENTS, "cpu", 1 << 24)
+
+
 def run_cotta(model, xs, group, **hp):
     a = adapters.create("cotta", model, threshold=1.0, seed=3, **hp)  # threshold 1: always augment
     a._group_teacher = group
@@ -85,12 +91,15 @@ def run_cotta(model, xs, group, **hp):
 
 
 @pytest.mark.parametrize("model_name,norm", [("tiny", "bn"), ("tiny", "bn-alpha"), ("resnet20", "bn")])
-def test_cotta_grouped_teacher_equals_the_serial_loop_over_steps(model_name, norm):
+def test_cotta_grouped_teacher_equals_the_serial_loop_over_steps(model_name, norm, stacking_on_cpu, monkeypatch):
     factory, size = MODELS[model_name]
     model = factory()
     xs = batches(4, 8, size, seed=5)
     hp = dict(norm=norm, n_augmentations=32, restore_prob=0.05)
+    passes = []
+    monkeypatch.setattr(adapters.cotta, "grouped", _recording(adapters.cotta.grouped, passes))
     ours, ours_out = run_cotta(model, xs, True, **hp)
+    assert passes == [32] * 4  # one grouped teacher forward per step
     reference, reference_out = run_cotta(model, xs, False, **hp)
     for step, (a, b) in enumerate(zip(ours_out, reference_out)):
         assert (a - b).abs().max() <= 1e-5, step
@@ -114,7 +123,7 @@ def test_cotta_splits_large_stacks_into_several_grouped_passes(monkeypatch):
     model, xs = tiny_cnn(), stream(2, batch=4)
     reference, reference_out = run_cotta(model, xs, False, n_augmentations=7)
     # room for 3 copies of a (4, 3, 16, 16) batch per pass: passes of 3, 3 and 1 copies
-    monkeypatch.setattr(adapters.cotta, "MAX_GROUPED_ELEMENTS", 3 * 4 * 3 * 16 * 16)
+    monkeypatch.setitem(adapters.cotta.MAX_GROUPED_ELEMENTS, "cpu", 3 * 4 * 3 * 16 * 16)
     passes = []
     monkeypatch.setattr(adapters.cotta, "grouped", _recording(adapters.cotta.grouped, passes))
     _, ours_out = run_cotta(model, xs, True, n_augmentations=7)
@@ -123,7 +132,14 @@ def test_cotta_splits_large_stacks_into_several_grouped_passes(monkeypatch):
         assert (a - b).abs().max() <= 1e-5
 
 
-def test_cotta_under_unmix_tns_keeps_serial_teacher_passes():
+def test_cotta_keeps_serial_teacher_passes_on_the_cpu(monkeypatch):
+    passes = []
+    monkeypatch.setattr(adapters.cotta, "grouped", _recording(adapters.cotta.grouped, passes))
+    run_cotta(tiny_cnn(), stream(1), True, n_augmentations=4)
+    assert passes == []
+
+
+def test_cotta_under_unmix_tns_keeps_serial_teacher_passes(stacking_on_cpu):
     model, xs = tiny_cnn(), stream(2)
     ours, ours_out = run_cotta(model, xs, True, norm="unmix-tns", n_augmentations=4)
     _, reference_out = run_cotta(model, xs, False, norm="unmix-tns", n_augmentations=4)
@@ -139,7 +155,7 @@ def _recording(context, calls):
     return wrapper
 
 
-def test_bench_figures_compare_equal_outputs():
+def test_bench_figures_compare_equal_outputs(stacking_on_cpu):
     from runtime.bench_adapters import cotta_vs_serial, grouped_bn_streams
 
     model = tiny_cnn()
