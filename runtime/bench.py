@@ -167,7 +167,7 @@ def bench_memory(model, names, x, budget_bytes: int, prototypes=None) -> list[di
     rows = []
     for name in names:
         a = _create(name, model, prototypes)
-        a.step(x)
+        a.step(x[:2])  # state allocated lazily is there after one step; its size does not depend on the batch
         b = int(a.state_bytes())
         rows.append({"policy": name, "state_bytes": b, "state_mib": b / 2**20, "budget_bytes": budget_bytes,
                      "streams_fit": budget_bytes // b if b else None})
