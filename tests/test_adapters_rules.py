@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import adapters
 from adapter_models import bn_only, stream, tiny_cnn
 from adapters.augment import CottaAugment
-from adapters.common import ema_update, symmetric_cross_entropy
+from adapters.common import ema_update, stochastic_restore, symmetric_cross_entropy
 
 
 def bn_layer(model):
@@ -140,6 +140,29 @@ def test_ema_covers_all_parameters_but_no_buffers():
         assert torch.allclose(t, 0.9 * b + 0.1 * s), name
     for t, b in zip(teacher.buffers(), before.buffers()):
         assert torch.equal(t, b)
+
+
+def test_fused_ema_is_bit_identical_to_the_reference_loop():
+    teacher, student = tiny_cnn(0), tiny_cnn(1)
+    expected = [0.999 * t.data + (1 - 0.999) * s.data for t, s in zip(teacher.parameters(), student.parameters())]
+    ema_update(teacher, student, 0.999)
+    for (name, t), e in zip(teacher.named_parameters(), expected):
+        assert torch.equal(t, e), name
+
+
+def test_fused_restore_is_bit_identical_to_one_draw_per_parameter():
+    model, moved = tiny_cnn(0), tiny_cnn(1)
+    params = list(moved.named_parameters())
+    source = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(4)
+    expected = []
+    for name, p in params:  # the reference loop: torch.rand(p.shape) per parameter, in order
+        mask = (torch.rand(p.shape, generator=g) < 0.3).float()
+        expected.append(source[name] * mask + p.detach() * (1.0 - mask))
+    stochastic_restore(params, source, 0.3, torch.Generator().manual_seed(4))
+    for (name, p), e in zip(params, expected):
+        assert torch.equal(p, e), name
+    assert any(p.ne(source[name]).any() for name, p in params)  # not everything was restored
 
 
 def test_contrastive_loss_positives_are_the_other_two_views():
