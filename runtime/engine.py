@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import adapters
+from adapters.batched import batch_key, predict_together
 from runtime import drift
 from runtime.checkpoints import MAX_FILE_NAME, SNAPSHOT_NAME, CorruptCheckpoint, StateStore, file_name
 from runtime.metrics import OTHER, Metrics
@@ -128,13 +129,17 @@ class _Job:
     fn: Callable[[], Any]
     future: asyncio.Future | None
     loop: asyncio.AbstractEventLoop | None
+    batch: tuple | None = None  # an inference batch: _predict's arguments, for cross-stream batching
+
+    def cancelled(self) -> bool:
+        return self.future is not None and self.future.cancelled()
 
 
 class Engine:
     def __init__(self, model: LoadedModel, metrics: Metrics | None = None, state_dir: str | None = None,
                  max_streams: int = 1024, memory_budget_bytes: int = 2 << 30, max_queue: int = 256,
                  max_batch: int = 256, guard: Guard | None = None, max_stream_queue: int = 64,
-                 checkpoint_interval: float = 0.0):
+                 checkpoint_interval: float = 0.0, max_group: int = 64):
         self.model = model
         self.guard = guard or Guard()
         self.metrics = metrics or Metrics(model.name, model.tracked_streams)
@@ -142,6 +147,10 @@ class Engine:
         self.memory_budget = memory_budget_bytes
         self.max_queue = max_queue
         self.max_stream_queue = max_stream_queue
+        # queued batches of different streams that can share one forward pass (adapters/batched.py):
+        # up to this many; 1 turns cross-stream batching off
+        self.max_group = max_group
+        self._backlog: collections.deque[_Job | None] = collections.deque()  # taken off the queue, not yet run
         self._stream_queued: collections.Counter[str] = collections.Counter()  # event-loop side
         # periodic checkpoints of changed streams (with a state dir); 0 = only at eviction and shutdown
         self.checkpoint_interval = checkpoint_interval if state_dir else 0.0
@@ -165,7 +174,7 @@ class Engine:
         self._thread.start()
 
     # ------------------------------------------------------------------ event-loop side
-    def _enqueue(self, fn: Callable[[], Any], stream_id: str | None = None) -> asyncio.Future:
+    def _enqueue(self, fn: Callable[[], Any], stream_id: str | None = None, batch: tuple | None = None) -> asyncio.Future:
         """Put a job on the queue now (so callers control the order) and return its future.
         `stream_id`: the job is a batch of that stream, counted against the queue limits."""
         if not self._accepting:
@@ -187,7 +196,7 @@ class Engine:
             self._stream_queued[stream_id] += 1
             self.metrics.queue_depth.labels(self.model.name).set(self._queued)
             future.add_done_callback(lambda f: self._batch_done(f, stream_id))
-        self._jobs.put(_Job(fn, future, loop))
+        self._jobs.put(_Job(fn, future, loop, batch))
         return future
 
     def _batch_done(self, future, stream_id: str) -> None:
@@ -212,7 +221,8 @@ class Engine:
         stream_id = self.check_stream_id(stream_id)
         request_id = request_id or f"req-{next(self._request_ids)}"
         enqueued = time.monotonic()
-        return self._enqueue(lambda: self._predict(stream_id, x, request_id, enqueued, start, end), stream_id)
+        args = (stream_id, x, request_id, enqueued, start, end)
+        return self._enqueue(lambda: self._predict(*args), stream_id, args)
 
     async def infer(self, stream_id: str | None, x: np.ndarray, request_id: str = "", start: bool = False,
                     end: bool = False) -> InferResult:
@@ -274,7 +284,9 @@ class Engine:
         while True:
             self._maybe_checkpoint()
             try:
-                if self._has_pending():
+                if self._backlog:
+                    job = self._backlog.popleft()
+                elif self._has_pending():
                     job = self._jobs.get_nowait()
                 else:  # wake up for the next periodic checkpoint even when no request comes
                     job = self._jobs.get(timeout=self.checkpoint_interval or None)
@@ -286,17 +298,24 @@ class Engine:
                 continue
             if job is None:
                 return
-            if job.future is not None and job.future.cancelled():
+            if job.cancelled():
                 continue  # the client gave up (deadline, cancel) before its turn: leave the stream untouched
-            try:
-                result, error = job.fn(), None
-            except EngineError as e:
-                result, error = None, e
-            except Exception as e:  # noqa: BLE001 - a bug must fail one request, not the engine
-                log.exception("engine job failed")
-                result, error = None, EngineError("INTERNAL", f"{type(e).__name__}: {e}")
-            if job.future is not None:
-                job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+            group = self._gather_group(job) if job.batch is not None and self.max_group > 1 else None
+            if group is not None:
+                self._predict_group(group)
+            else:
+                self._run(job)
+
+    def _run(self, job: _Job) -> None:
+        try:
+            result, error = job.fn(), None
+        except EngineError as e:
+            result, error = None, e
+        except Exception as e:  # noqa: BLE001 - a bug must fail one request, not the engine
+            log.exception("engine job failed")
+            result, error = None, EngineError("INTERNAL", f"{type(e).__name__}: {e}")
+        if job.future is not None:
+            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
 
     def _maybe_checkpoint(self) -> None:
         if self.checkpoint_interval and time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
@@ -490,13 +509,21 @@ class Engine:
         else:
             batch = torch.from_numpy(x).to(self.model.device)
             logits = stream.adapter.predict(batch).float().cpu().numpy()
-            bn_shift = stream.bn_probe.take()
-            if stream.adapter.adapts:
-                if stream.adapter.deferred_update:
-                    stream.pending = True  # learn() after the reply
-                else:
-                    self._count_update(stream, {}, 0.0)  # BN-only adapters update inside predict
-        inference_seconds = time.monotonic() - started
+            bn_shift = self._predicted(stream)
+        return self._finish_batch(stream, x, request_id, enqueued, started, time.monotonic() - started, logits,
+                                  bn_shift)
+
+    def _predicted(self, stream: Stream) -> float | None:
+        """Bookkeeping right after an adapter predicted a batch of the stream; its BN shift."""
+        if stream.adapter.adapts:
+            if stream.adapter.deferred_update:
+                stream.pending = True  # learn() after the reply
+            else:
+                self._count_update(stream, {}, 0.0)  # BN-only adapters update inside predict
+        return stream.bn_probe.take()
+
+    def _finish_batch(self, stream: Stream, x: np.ndarray, request_id: str, enqueued: float, started: float,
+                      inference_seconds: float, logits: np.ndarray, bn_shift: float | None) -> InferResult:
         self.totals["batches"] += 1
         self.totals["samples"] += len(x)
         self.totals["queue_ns"] += int((started - enqueued) * 1e9)
@@ -520,6 +547,73 @@ class Engine:
                              confidence=stream.confidence, class_marginal_entropy=stream.class_marginal_entropy)
         self._enforce_memory_budget(keep=stream.id)
         return result
+
+    # --- cross-stream batching -------------------------------------------------------------
+    def _group_key(self, job: _Job):
+        """Queued batches with equal keys can share one forward pass; None: this one cannot."""
+        stream_id, x, _, _, start, end = job.batch
+        stream = self.streams.get(stream_id)
+        if start or end or stream is None or not stream.resident or stream.pending:
+            return None
+        if stream.frozen:
+            return "frozen", x.shape
+        return batch_key(stream.adapter, torch.from_numpy(x))
+
+    def _gather_group(self, first: _Job) -> list[_Job] | None:
+        """`first` and the batches queued right behind it that can share its forward pass (other
+        streams, same key): taken in queue order and only while they match, so no stream's
+        batches or control operations are reordered. None when there is nothing to group."""
+        key = self._group_key(first)
+        if key is None:
+            return None
+        group, streams = [first], {first.batch[0]}
+        while len(group) < self.max_group:
+            if self._backlog:
+                job = self._backlog.popleft()
+            else:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+            if job is not None and job.cancelled():
+                continue
+            if job is None or job.batch is None or job.batch[0] in streams or self._group_key(job) != key:
+                self._backlog.appendleft(job)  # runs next, in its place
+                break
+            group.append(job)
+            streams.add(job.batch[0])
+        return group if len(group) > 1 else None
+
+    def _predict_group(self, group: list[_Job]) -> None:
+        """One forward pass for the batches of several streams, then each batch's bookkeeping
+        and reply as if it had been predicted alone."""
+        started = time.monotonic()
+        streams = [self._stream(job.batch[0]) for job in group]
+        xs = [job.batch[1] for job in group]
+        try:
+            if streams[0].frozen:
+                logits = np.split(self.model.frozen(np.concatenate(xs)), len(xs))
+                shifts = [None] * len(xs)
+            else:
+                outs = predict_together([s.adapter for s in streams],
+                                        [torch.from_numpy(x).to(self.model.device) for x in xs])
+                logits = [o.float().cpu().numpy() for o in outs]
+                shifts = [self._predicted(s) for s in streams]
+        except Exception:  # noqa: BLE001 - never worse than one at a time
+            log.exception("a grouped forward pass failed; predicting its batches one by one")
+            for job in group:
+                self._run(job)
+            return
+        share = (time.monotonic() - started) / len(group)  # compute time attributed to each batch
+        self.metrics.grouped_batches.labels(self.model.name).observe(len(group))
+        for job, stream, lg, shift in zip(group, streams, logits, shifts):
+            _, x, request_id, enqueued, _, _ = job.batch
+            try:
+                result, error = self._finish_batch(stream, x, request_id, enqueued, started, share, lg, shift), None
+            except Exception as e:  # noqa: BLE001
+                log.exception("engine job failed")
+                result, error = None, EngineError("INTERNAL", f"{type(e).__name__}: {e}")
+            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
 
     def _check_collapse(self, stream: Stream) -> None:
         """The collapse guard (see Guard): acts after the reply of the batch that trips it, by

@@ -67,6 +67,9 @@ class Metrics:
         self.checkpoint_failures = Counter("tta_checkpoint_failures_total", "Rounds of periodic checkpoints that "
                                            "failed (disk full, permissions); the state stays in memory", ["model"],
                                            registry=r)
+        self.grouped_batches = Histogram("tta_grouped_batches", "Batches of different streams predicted in one "
+                                         "forward pass (cross-stream batching), per pass", ["model"],
+                                         buckets=BATCH_BUCKETS, registry=r)
         self.build = Info("tta_build", "Versions", registry=r)
         self.build.info({"torch": torch.__version__, "python": platform.python_version(),
                          "cuda": str(torch.version.cuda or "none")})

@@ -87,6 +87,10 @@ def add_arguments(p) -> None:
     p.add_argument("--max-stream-queue", type=int, default=64,
                    help="batches of one stream waiting for the engine; more: RESOURCE_EXHAUSTED (one busy "
                         "stream cannot fill the whole queue)")
+    p.add_argument("--max-group", type=int, default=64, metavar="STREAMS",
+                   help="cross-stream batching: queued batches of up to this many streams on source, bn or bn-alpha "
+                        "(equal settings and batch shape) share one forward pass, each normalised with its own "
+                        "statistics (1: off; default: 64)")
     p.add_argument("--checkpoint-interval", type=float, default=30.0, metavar="SECONDS",
                    help="with --state-dir: every this many seconds, checkpoint the streams that changed "
                         "(0: only at eviction and shutdown; default: 30)")
@@ -575,7 +579,8 @@ async def serve(args) -> int:
     engine = Engine(model, metrics, state_dir=args.state_dir, max_streams=args.max_streams,
                     memory_budget_bytes=int(args.memory_budget_mb * 2**20), max_queue=args.max_queue,
                     max_batch=args.max_batch, guard=Guard(action=args.guard, patience=args.guard_patience),
-                    max_stream_queue=args.max_stream_queue, checkpoint_interval=args.checkpoint_interval)
+                    max_stream_queue=args.max_stream_queue, checkpoint_interval=args.checkpoint_interval,
+                    max_group=args.max_group)
     log.info("model %r loaded: %s on %s, input [N, %d, %d, %d], %d classes%s", model.name, model.platform,
              model.device, model.channels, model.height, model.width, model.num_classes,
              "" if model.can_adapt() else " (frozen: source policy only)")
