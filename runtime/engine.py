@@ -139,7 +139,7 @@ class Engine:
     def __init__(self, model: LoadedModel, metrics: Metrics | None = None, state_dir: str | None = None,
                  max_streams: int = 1024, memory_budget_bytes: int = 2 << 30, max_queue: int = 256,
                  max_batch: int = 256, guard: Guard | None = None, max_stream_queue: int = 64,
-                 checkpoint_interval: float = 0.0, max_group: int = 64):
+                 checkpoint_interval: float = 0.0, max_group: int | None = None):
         self.model = model
         self.guard = guard or Guard()
         self.metrics = metrics or Metrics(model.name, model.tracked_streams)
@@ -148,8 +148,9 @@ class Engine:
         self.max_queue = max_queue
         self.max_stream_queue = max_stream_queue
         # queued batches of different streams that can share one forward pass (adapters/batched.py):
-        # up to this many; 1 turns cross-stream batching off
-        self.max_group = max_group
+        # up to this many; 1 turns cross-stream batching off. Default: on for CUDA, where the passes
+        # are launch-bound; off on the CPU, where stacked passes measured no faster (docs/BENCHMARKS.md)
+        self.max_group = max_group if max_group is not None else (64 if str(model.device).startswith("cuda") else 1)
         self._backlog: collections.deque[_Job | None] = collections.deque()  # taken off the queue, not yet run
         self._stream_queued: collections.Counter[str] = collections.Counter()  # event-loop side
         # periodic checkpoints of changed streams (with a state dir); 0 = only at eviction and shutdown

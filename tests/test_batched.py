@@ -130,5 +130,5 @@ def test_a_control_operation_between_batches_ends_the_group(tiny):
         await busy
         return await first, await switch, await second, engine.metrics.grouped_batches.labels("tiny")._sum.get()
 
-    first, switched, second, grouped_total = run_engine(tiny, scenario)
+    first, switched, second, grouped_total = run_engine(tiny, scenario, max_group=64)
     assert grouped_total == 0 and second.policy == "source" and switched["policy"] == "source"
