@@ -91,8 +91,8 @@ def in_range(low: float, high: float, low_open: bool = False, high_open: bool = 
 
 
 # Hyperparameters every adapter that draws random numbers accepts.
-SEED = Hyperparameter("seed", 0, int, "integer >= 0", "seed of the adapter's own torch.Generator",
-                      lambda v: v >= 0)
+SEED = Hyperparameter("seed", 0, int, "integer in [0, 2^63)", "seed of the adapter's own torch.Generator",
+                      lambda v: 0 <= v < 2**63)
 GENERATOR = Hyperparameter(
     "generator", None, object, "None, a torch.Generator, or 'global'",
     "random source; 'global' draws from torch's global generator in the reference code's order "

@@ -20,9 +20,10 @@ from .base import Hyperparameter, NormalisationAdapter, in_range
 from .common import NormLayer, set_submodule, share_copy
 
 HYPERPARAMETERS = (
-    Hyperparameter("k", 16, int, "integer >= 1 (>= 2 for any mixing)",
-                   "number of statistics components per BN layer (paper: 16; 128 for mixed domains)",
-                   lambda v: v >= 1),
+    Hyperparameter("k", 16, int, "integer in [1, 1024] (>= 2 for any mixing)",
+                   "number of statistics components per BN layer (paper: 16; 128 for mixed domains); "
+                   "bounded because every component costs 2 floats per BN channel per stream",
+                   in_range(1, 1024)),
     Hyperparameter("temperature", 0.07, float, "(0, inf)", "softmax temperature of the component assignment",
                    lambda v: v > 0),
     Hyperparameter("init_noise", 0.5, float, "[0, 1)",

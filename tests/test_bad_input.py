@@ -318,9 +318,12 @@ def test_bad_requests_get_their_status_and_harm_no_one(ctx):
     assert logits(ctx.client.infer("tiny", [fp32_input(X)], parameters={"stream_id": VICTIM})).shape == (4, 10)
 
 
-@pytest.mark.xfail(strict=True, reason="unmix-tns 'k' has no upper bound in adapters/: the allocation fails with a "
-                                       "RuntimeError (INTERNAL), and a merely large k can exhaust the server's memory")
-def test_unbounded_unmix_k_is_refused(ctx):
+@pytest.mark.parametrize("policy,hyperparameters,fragment", [
+    ("unmix-tns", {"k": str(10**12)}, "integer in [1, 1024]"),
+    ("tent", {"norm": "unmix-tns", "norm_options": '{"k": 100000}'}, "integer in [1, 1024]"),
+    ("tent", {"seed": str(2**70)}, "integer in [0, 2^63)"),
+])
+def test_sizes_that_would_exhaust_memory_or_overflow_are_refused(ctx, policy, hyperparameters, fragment):
     code, message = status(ctx.control.SetPolicy, tta_pb.SetPolicyRequest(
-        stream_id=VICTIM, policy="unmix-tns", hyperparameters={"k": str(10**12)}))
-    assert code == "INVALID_ARGUMENT", (code, message)
+        stream_id=VICTIM, policy=policy, hyperparameters=hyperparameters))
+    assert code == "INVALID_ARGUMENT" and fragment in message, (code, message)
