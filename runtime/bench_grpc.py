@@ -134,6 +134,8 @@ def bench_latency(target: str, policies: list[str], batch: int = 64, requests: i
                 replied = time.perf_counter()
                 if cls.adapts and cls.deferred_update:
                     while ep.stream_info(sid).step <= step:
+                        if time.perf_counter() - replied > 300:
+                            raise RuntimeError(f"stream {sid}: the update of step {step} was not applied in 300 s")
                         time.sleep(0.002)
                     if i >= warmup:
                         update[p].append(time.perf_counter() - replied)
