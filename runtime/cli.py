@@ -14,7 +14,8 @@ COMMANDS = {
     "ctl": ("runtime.ctl", "control a running server: policies, streams, reset, snapshot, rollback, feedback"),
     "replay": ("runtime.replay", "replay a corruption benchmark through adapters in-process (paper-style table)"),
     "train-demo": ("runtime.train_demo", "train the built-in demo model on Fashion-MNIST"),
-    "bench": ("runtime.bench", "benchmarks: gRPC vs in-process, adapter vs frozen forward"),
+    "bench": ("runtime.bench", "benchmarks, as ratios measured side by side: gRPC vs in-process, reply latency per "
+              "policy, adapter step vs frozen forward, CoTTA vs serial, memory per stream, ONNX vs torch, load"),
 }
 
 
