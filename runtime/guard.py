@@ -9,8 +9,9 @@ Signals and reasons (defaults in `GuardConfig`; C = number of classes, n = batch
 - `non_finite`: NaN/Inf in the adaptation loss, the adapted logits, or the adapted weights (a
   non-finite `weight_distance` means a non-finite weight). Nothing served from such a state can be
   right; acts at once.
-- `marginal_collapse`: the class marginal of the *adapted* predictions (an EMA over
-  `marginal_window` samples, entropy / log C) falls below `collapse_ratio` x the same figure for
+- `marginal_collapse`: the class marginal of the *adapted* predicted classes (argmax counts, an
+  EMA over `marginal_window` samples, entropy / log C; argmax because TENT at batch 1 answers one
+  class with a nearly flat softmax, whose mean looks spread) falls below `collapse_ratio` x the same figure for
   the *source* model's predictions on the same batches, for `patience` batches in a row. The source
   level matters: under fog the frozen model itself piles onto two classes (marginal entropy ~0.5),
   so an absolute floor would either miss collapse or fire there. Without source logits the floor
@@ -101,6 +102,10 @@ def _ema(mean: np.ndarray, batch_mean: np.ndarray, n: int, window: int) -> np.nd
     return (1 - w) * mean + w * batch_mean
 
 
+def _one_hot(p: np.ndarray) -> np.ndarray:
+    return np.eye(p.shape[1])[p.argmax(1)]
+
+
 def _kl(p: np.ndarray, q: np.ndarray) -> float:
     p, q = np.clip(p, 1e-12, None), np.clip(q, 1e-12, None)
     return float((p * np.log(p / q)).sum())
@@ -172,12 +177,13 @@ class StreamGuard:
         if fallback:
             return self._verdict(fallback)  # this batch is not evidence about the adapted state
 
-        # collapse of the adapted class marginal, against the source's on the same batches
-        self._adapted_marginal = self._update(self._adapted_marginal, p_adapted, cfg.marginal_window)
+        # collapse of the adapted class marginal, against the source's on the same batches; of the
+        # argmax, not of the probabilities: a collapsed model may answer one class with flat softmax
+        self._adapted_marginal = self._update(self._adapted_marginal, _one_hot(p_adapted), cfg.marginal_window)
         h_adapted = float(entropy_ratio(self._adapted_marginal[None])[0])
         floor = cfg.collapse_floor
         if p_source is not None:
-            self._source_marginal = self._update(self._source_marginal, p_source, cfg.marginal_window)
+            self._source_marginal = self._update(self._source_marginal, _one_hot(p_source), cfg.marginal_window)
             floor = cfg.collapse_ratio * float(entropy_ratio(self._source_marginal[None])[0])
         self.figures.update(marginal_entropy=h_adapted, marginal_floor=floor)
         checks = {"marginal_collapse": h_adapted < floor,
