@@ -35,6 +35,7 @@ import torch
 import adapters
 from adapters.batched import batch_key, predict_together
 from runtime import drift
+from runtime.guard import FALLBACK, GuardConfig, StreamGuard
 from runtime.checkpoints import MAX_FILE_NAME, SNAPSHOT_NAME, CorruptCheckpoint, StateStore, file_name
 from runtime.metrics import OTHER, Metrics
 from runtime.model_config import LoadedModel
@@ -67,23 +68,7 @@ class InferResult:
     entropy: float
     confidence: float
     class_marginal_entropy: float
-
-
-@dataclass(frozen=True)
-class Guard:
-    """Collapse guard for weight-updating policies: when a stream's predictions pile onto few
-    classes (class-marginal entropy ratio below `max_marginal_entropy`) while the model is sure
-    of them (mean confidence above `min_confidence`) for `patience` consecutive batches, the
-    stream is rolled back to its latest snapshot, or reset to the source when it has none.
-    A label-sorted stream looks alike only if the model is also overconfident on it."""
-
-    action: str = "rollback"  # rollback | reset | off
-    patience: int = 8
-    max_marginal_entropy: float = 0.2
-    min_confidence: float = 0.9
-
-    def collapsed(self, stream: "Stream") -> bool:
-        return stream.class_marginal_entropy < self.max_marginal_entropy and stream.confidence > self.min_confidence
+    guard: str = ""  # the collapse guard's verdict on this batch (runtime/guard.py REASONS), if any
 
 
 @dataclass
@@ -111,14 +96,16 @@ class Stream:
     feedback_correct: int = 0
     snapshots: list[str] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
-    collapsed_batches: int = 0  # consecutive batches that looked collapsed (the guard's count)
-    guard_trips: int = 0
+    guard: StreamGuard | None = None  # the collapse guard's view of the stream (weight-updating policies)
+    good_state: dict | None = None  # the guard's last good snapshot of the adapter (in memory)
+    guard_trips: int = 0  # rollbacks and resets by the guard
+    guard_fallbacks: int = 0  # batches answered with the source prediction by the guard
     dirty: bool = False  # changed since its last checkpoint
     damaged: str = ""  # why its saved state could not be read (answered DATA_LOSS until replaced or deleted)
     queued: int = 0  # batches of this stream waiting for the engine
 
     COUNTERS = ("batches", "samples", "bn_shift", "entropy", "confidence", "class_marginal_entropy",
-                "weight_distance", "last_loss", "feedback_labels", "feedback_correct", "guard_trips")
+                "weight_distance", "last_loss", "feedback_labels", "feedback_correct", "guard_trips", "guard_fallbacks")
 
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in self.COUNTERS}
@@ -138,10 +125,11 @@ class _Job:
 class Engine:
     def __init__(self, model: LoadedModel, metrics: Metrics | None = None, state_dir: str | None = None,
                  max_streams: int = 1024, memory_budget_bytes: int = 2 << 30, max_queue: int = 256,
-                 max_batch: int = 256, guard: Guard | None = None, max_stream_queue: int = 64,
+                 max_batch: int = 256, guard: GuardConfig | None = None, max_stream_queue: int = 64,
                  checkpoint_interval: float = 0.0, max_group: int | None = None):
         self.model = model
-        self.guard = guard or Guard()
+        self.guard = guard or GuardConfig()
+        self._source_adapter = None  # the source model's forward for the guard (built on first use)
         self.metrics = metrics or Metrics(model.name, model.tracked_streams)
         self.max_streams = max_streams
         self.memory_budget = memory_budget_bytes
@@ -430,10 +418,14 @@ class Engine:
         stream.resident = True
         stream.pending = False
         stream.marginal = stream.marginal or drift.Marginal(self.model.num_classes)
+        guarded = adapter is not None and adapter.updates_weights and self.guard.action != "off"
+        stream.guard = StreamGuard(self.guard) if guarded else None
+        stream.good_state = None
         if adapter is not None:
             stream.bn_probe = drift.BNShift()
             adapter.observe_bn_inputs(stream.bn_probe)
-            stream.state_bytes = int(adapter.state_bytes())
+            # a guarded stream keeps a second copy of its state: the last good snapshot
+            stream.state_bytes = int(adapter.state_bytes()) * (2 if guarded else 1)
         else:
             stream.bn_probe, stream.state_bytes = None, 0
 
@@ -504,15 +496,22 @@ class Engine:
             self._learn(stream)  # batch t+1 sees the update from batch t
         if end:  # after this reply (and this batch's update): to disk, out of memory
             self._jobs.put(_Job(lambda: self._release(stream_id), None, None))
+        verdict = ""
         if stream.frozen:
             logits = self.model.frozen(x)
             bn_shift = None
         else:
             batch = torch.from_numpy(x).to(self.model.device)
+            # every `snapshot_every` updates, the state about to predict this batch is a candidate
+            # for the guard's last good snapshot: it becomes one if this batch passes the checks
+            candidate = (stream.adapter.state_dict() if stream.guard is not None
+                         and stream.guard.snapshot_due(stream.step) else None)
             logits = stream.adapter.predict(batch).float().cpu().numpy()
             bn_shift = self._predicted(stream)
+            if stream.guard is not None:
+                logits, verdict = self._guard(stream, x, batch, logits, bn_shift, candidate)
         return self._finish_batch(stream, x, request_id, enqueued, started, time.monotonic() - started, logits,
-                                  bn_shift)
+                                  bn_shift, verdict)
 
     def _predicted(self, stream: Stream) -> float | None:
         """Bookkeeping right after an adapter predicted a batch of the stream; its BN shift."""
@@ -524,7 +523,8 @@ class Engine:
         return stream.bn_probe.take()
 
     def _finish_batch(self, stream: Stream, x: np.ndarray, request_id: str, enqueued: float, started: float,
-                      inference_seconds: float, logits: np.ndarray, bn_shift: float | None) -> InferResult:
+                      inference_seconds: float, logits: np.ndarray, bn_shift: float | None,
+                      verdict: str = "") -> InferResult:
         self.totals["batches"] += 1
         self.totals["samples"] += len(x)
         self.totals["queue_ns"] += int((started - enqueued) * 1e9)
@@ -539,13 +539,13 @@ class Engine:
         stream.class_marginal_entropy = stream.marginal.update(figures["probs"])
         if bn_shift is not None:
             stream.bn_shift = bn_shift
-        self._check_collapse(stream)
         self._remember(request_id, stream, figures["predicted"])
         self.metrics.batch(stream.id, stream.policy, len(x), figures, bn_shift, stream.class_marginal_entropy,
                            started - enqueued, inference_seconds)
         result = InferResult(logits=logits, stream_id=stream.id, policy=stream.policy, step=stream.step,
                              request_id=request_id, bn_shift=bn_shift, entropy=stream.entropy,
-                             confidence=stream.confidence, class_marginal_entropy=stream.class_marginal_entropy)
+                             confidence=stream.confidence, class_marginal_entropy=stream.class_marginal_entropy,
+                             guard=verdict)
         self._enforce_memory_budget(keep=stream.id)
         return result
 
@@ -616,29 +616,53 @@ class Engine:
                 result, error = None, EngineError("INTERNAL", f"{type(e).__name__}: {e}")
             job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
 
-    def _check_collapse(self, stream: Stream) -> None:
-        """The collapse guard (see Guard): acts after the reply of the batch that trips it, by
-        dropping that batch's pending update and restoring a good state."""
-        guard = self.guard
-        if guard.action == "off" or stream.adapter is None or not stream.adapter.updates_weights:
-            return
-        stream.collapsed_batches = stream.collapsed_batches + 1 if guard.collapsed(stream) else 0
-        if stream.collapsed_batches < guard.patience:
-            return
-        stream.collapsed_batches = 0
-        stream.guard_trips += 1
+    # --- the collapse guard (runtime/guard.py) ------------------------------------------------
+    def _source_logits(self, x: np.ndarray, batch: torch.Tensor) -> np.ndarray:
+        if self.model.frozen is not None:
+            return self.model.frozen(x)
+        if self._source_adapter is None:
+            self._source_adapter = adapters.create("source", self.model.module)
+        return self._source_adapter.predict(batch).float().cpu().numpy()
+
+    def _guard(self, stream: Stream, x: np.ndarray, batch: torch.Tensor, logits: np.ndarray,
+               bn_shift: float | None, candidate: dict | None) -> tuple[np.ndarray, str]:
+        """Check a guarded stream's batch before its reply and before its update. On a verdict the
+        batch's update is dropped. A fallback (label-correlated or too small a batch) answers the
+        batch with the source model's prediction and keeps the adapted state; the other reasons
+        roll the stream back to its last good snapshot, or reset it to the source state (the
+        batch is answered with the source's prediction only when its own logits are non-finite).
+        `tta replay --guard` applies the verdicts the same way (docs/RESULTS.md)."""
+        source = self._source_logits(x, batch)
+        stream.weight_distance = float(stream.adapter.weight_distance())
+        reason = stream.guard.observe(logits, source, loss=stream.last_loss, weight_distance=stream.weight_distance,
+                                      bn_shift=bn_shift)
+        if reason is None:
+            if candidate is not None and stream.guard.healthy():  # that state raised no signal at all
+                stream.good_state = candidate
+            return logits, ""
         stream.pending = False
         stream.adapter.discard()
-        if guard.action == "rollback" and stream.snapshots:
-            self._op_rollback(stream.id, "")
-            action = f"rolled back to snapshot {stream.snapshots[-1]!r}"
+        action = stream.guard.action(reason)
+        if action == FALLBACK:
+            stream.guard_fallbacks += 1
+            self.metrics.guard_trip(stream.id, stream.policy, reason, FALLBACK)
+            return source, reason
+        if action == "rollback" and stream.good_state is not None:
+            stream.adapter.load_state_dict(stream.good_state)
+            stream.good_state = None  # used up: tripping again before a new good state means reset
+            stream.step = stream.adapter.steps
+            done = f"rolled back to its last good state (step {stream.step})"
         else:
+            action = "reset"
             self._op_reset(stream.id, reason="guard")
-            action = "reset to the source state"
-        self.metrics.guard_trip(stream.id, stream.policy, "rollback" if "rolled" in action else "reset")
-        log.warning("collapse guard: stream %r (%s) %s after %d batches with class-marginal entropy %.2f and "
-                    "confidence %.2f", stream.id, stream.policy, action, guard.patience,
-                    stream.class_marginal_entropy, stream.confidence)
+            done = "reset to the source state"
+        stream.guard.after_action()
+        stream.guard_trips += 1
+        stream.dirty = True
+        self.metrics.guard_trip(stream.id, stream.policy, reason, action)
+        figures = ", ".join(f"{k} {v:.3g}" for k, v in stream.guard.figures.items() if isinstance(v, float))
+        log.warning("collapse guard: stream %r (%s) %s: %s (%s)", stream.id, stream.policy, done, reason, figures)
+        return (source if reason == "non_finite" else logits), reason
 
     def _release(self, stream_id: str) -> None:
         stream = self.streams.get(stream_id)
@@ -682,7 +706,7 @@ class Engine:
                 "feedback_correct": stream.feedback_correct,
                 "accuracy": stream.feedback_correct / stream.feedback_labels if stream.feedback_labels else 0.0,
                 "snapshots": list(stream.snapshots), "idle_seconds": time.monotonic() - stream.last_used,
-                "guard_trips": stream.guard_trips}
+                "guard_trips": stream.guard_trips, "guard_fallbacks": stream.guard_fallbacks}
 
     def _op_get(self, stream_id: str) -> dict:
         stream = self.streams.get(stream_id)
@@ -721,6 +745,9 @@ class Engine:
             stream.adapter.reset()
         stream.pending, stream.step, stream.weight_distance, stream.last_loss = False, 0, 0.0, 0.0
         stream.marginal = drift.Marginal(self.model.num_classes)
+        if stream.guard is not None:
+            stream.guard.after_action()
+            stream.good_state = None
         stream.dirty = True
         self.metrics.reset(stream_id, stream.policy, reason)
         return self._info(stream)

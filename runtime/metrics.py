@@ -92,8 +92,9 @@ class Metrics:
         self.resets = Counter("tta_stream_resets_total", "Streams returned to the source state, by reason",
                               labels + ["reason"], registry=r)
         self.rollbacks = Counter("tta_stream_rollbacks_total", "Streams rolled back to a snapshot", labels, registry=r)
-        self.guard_trips = Counter("tta_guard_trips_total", "Collapse-guard interventions, by action "
-                                   "(rollback to the latest snapshot, or reset)", labels + ["action"], registry=r)
+        self.guard_trips = Counter("tta_guard_trips_total", "Collapse-guard interventions, by reason (non_finite, "
+                                   "marginal_collapse, weight_runaway, bn_shift_jump, label_shift, small_batch) "
+                                   "and action (rollback, reset, fallback)", labels + ["reason", "action"], registry=r)
         self.feedback_labels = Counter("tta_feedback_labels_total", "Ground-truth labels received", labels, registry=r)
         self.feedback_correct = Counter("tta_feedback_correct_total", "Labelled samples the stream predicted correctly",
                                         labels, registry=r)
@@ -143,8 +144,8 @@ class Metrics:
     def rollback(self, stream_id: str, policy: str) -> None:
         self.rollbacks.labels(self.model, policy, self.stream_label(stream_id)).inc()
 
-    def guard_trip(self, stream_id: str, policy: str, action: str) -> None:
-        self.guard_trips.labels(self.model, policy, self.stream_label(stream_id), action).inc()
+    def guard_trip(self, stream_id: str, policy: str, reason: str, action: str) -> None:
+        self.guard_trips.labels(self.model, policy, self.stream_label(stream_id), reason, action).inc()
 
     def feedback(self, stream_id: str, policy: str, correct: int, total: int) -> None:
         lv = (self.model, policy, self.stream_label(stream_id))

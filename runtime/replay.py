@@ -206,21 +206,25 @@ class _Guarded:
         a = self.adapter
         with torch.no_grad():
             source_logits = self.model(x)  # the frozen forward the guard's source-level tests need
+        # as the engine does: the state about to predict this batch becomes the last good snapshot
+        # if the batch raises no signal at all (a state after an update is not checked yet)
+        candidate = copy.deepcopy(a.state_dict()) if self.guard.snapshot_due(a.steps) else None
         logits = a.predict(x)
         distance = a.weight_distance() if a.updates_weights else None
         self.max_weight_distance = max(self.max_weight_distance, distance or 0.0)
         reason = self.guard.observe(logits.float().cpu().numpy(), source_logits.float().cpu().numpy(),
                                     loss=self.loss, weight_distance=distance, bn_shift=self.probe.take())
         if reason is None:
+            if candidate is not None and self.guard.healthy():
+                self.snapshot = candidate
             self.loss = a.learn().get("loss", self.loss)
-            if self.guard.snapshot_due(a.steps):
-                self.snapshot = copy.deepcopy(a.state_dict())
             return logits
         action = self.guard.action(reason)
         self.actions[action if action != "rollback" or self.snapshot is not None else "reset"] += 1
         a.discard()  # never learn from the batch that raised the verdict
         if action == "rollback" and self.snapshot is not None:
-            a.load_state_dict(copy.deepcopy(self.snapshot))
+            a.load_state_dict(self.snapshot)
+            self.snapshot = None  # used up: tripping again before a new good state means reset
         elif action in ("rollback", "reset"):
             a.reset()
         if action != "fallback":

@@ -32,7 +32,8 @@ from runtime import protos
 from runtime.checkpoints import SNAPSHOT_NAME
 from runtime.ctl import CONTROL_TOKEN_ENV as TOKEN_ENV
 from runtime.ctl import INFERENCE_TOKEN_ENV
-from runtime.engine import WIRE_FORBIDDEN, Engine, EngineError, Guard
+from runtime.engine import WIRE_FORBIDDEN, Engine, EngineError
+from runtime.guard import GuardConfig
 from runtime.metrics import Metrics
 from runtime.model_config import ConfigError, LoadedModel, load
 from runtime.preprocess import InputError, decode, has_typed_contents, serialize_bytes
@@ -96,10 +97,17 @@ def add_arguments(p) -> None:
                         "(0: only at eviction and shutdown; default: 30)")
     p.add_argument("--max-batch", type=int, default=256, help="largest batch per request")
     p.add_argument("--guard", choices=("rollback", "reset", "off"), default="rollback",
-                   help="collapse guard for weight-updating policies: roll a collapsed stream back to its latest "
-                        "snapshot (reset it when it has none), always reset it, or do nothing (default: rollback)")
-    p.add_argument("--guard-patience", type=int, default=8, metavar="BATCHES",
-                   help="consecutive collapsed-looking batches before the guard acts (default: 8)")
+                   help="collapse guard for weight-updating policies (runtime/guard.py): on non-finite values, a "
+                        "collapsed class marginal, runaway weights or a lasting BN-shift jump, roll the stream back "
+                        "to its last good state (kept every --guard-snapshot-every healthy updates; reset when "
+                        "there is none), or always reset it; label-correlated and small batches are answered with "
+                        "the source prediction and not learned from; off: none of it (default: rollback)")
+    p.add_argument("--guard-patience", type=int, default=GuardConfig.patience, metavar="BATCHES",
+                   help=f"batches in a row a collapse or runaway must last before the guard acts "
+                        f"(default: {GuardConfig.patience})")
+    p.add_argument("--guard-snapshot-every", type=int, default=GuardConfig.snapshot_every, metavar="UPDATES",
+                   help=f"keep a stream's state as its last good snapshot every this many healthy updates "
+                        f"(default: {GuardConfig.snapshot_every})")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get at shutdown")
     p.add_argument("--shutdown-delay", type=float, default=0.0,
                    help="seconds to keep serving after SIGTERM with health NOT_SERVING, so load balancers "
@@ -338,6 +346,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         _set_parameter(params, "tta_class_marginal_entropy", float(result.class_marginal_entropy))
         if result.bn_shift is not None:
             _set_parameter(params, "tta_bn_shift", float(result.bn_shift))
+        if result.guard:
+            _set_parameter(params, "tta_guard", result.guard)
         return response
 
     async def ModelInfer(self, request, context):
@@ -576,11 +586,15 @@ async def serve(args) -> int:
         log.error("%s", e)
         return 2
     metrics = Metrics(model.name, model.tracked_streams)
+    try:
+        guard = GuardConfig(action=args.guard, patience=args.guard_patience, snapshot_every=args.guard_snapshot_every)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     engine = Engine(model, metrics, state_dir=args.state_dir, max_streams=args.max_streams,
                     memory_budget_bytes=int(args.memory_budget_mb * 2**20), max_queue=args.max_queue,
-                    max_batch=args.max_batch, guard=Guard(action=args.guard, patience=args.guard_patience),
-                    max_stream_queue=args.max_stream_queue, checkpoint_interval=args.checkpoint_interval,
-                    max_group=args.max_group)
+                    max_batch=args.max_batch, guard=guard, max_stream_queue=args.max_stream_queue,
+                    checkpoint_interval=args.checkpoint_interval, max_group=args.max_group)
     log.info("model %r loaded: %s on %s, input [N, %d, %d, %d], %d classes%s", model.name, model.platform,
              model.device, model.channels, model.height, model.width, model.num_classes,
              "" if model.can_adapt() else " (frozen: source policy only)")

@@ -496,48 +496,81 @@ def test_tls_serves_tritonclient_and_ctl_and_refuses_plaintext(tiny_config, tmp_
         assert srv.stop() == 0
 
 
-def _collapse_run(tiny, guard, snapshot_after=None, n=30):
-    """TENT with a huge learning rate on a stream: entropy minimisation collapses the
-    predictions onto one class with full confidence within a few batches."""
+def _collapse_run(tiny, guard, n=30, lr="1.0"):
+    """TENT with a huge learning rate on an i.i.d. stream: entropy minimisation drives the
+    weights away and the predictions onto one class within a few batches."""
     xs = batches(n, size=32, seed=5)
 
     async def scenario(engine):
-        await engine.call("set_policy", "c", "tent", {"lr": "1.0"})
+        await engine.call("set_policy", "c", "tent", {"lr": lr})
         trace = []
-        for t, x in enumerate(xs):
+        for x in xs:
             r = await engine.infer("c", x)
-            trace.append((r.class_marginal_entropy, r.confidence))
-            if snapshot_after is not None and t == snapshot_after:
-                await engine.call("snapshot", "c", "good")
+            trace.append((r.class_marginal_entropy, r.confidence, r.step))
         info = await engine.call("get", "c")
+        trips = {k[-2:]: v for k, v in _samples(engine.metrics.guard_trips).items()}
         resets = engine.metrics.resets.labels("tiny", "tent", "_other", "guard")._value.get()
-        rollbacks = engine.metrics.rollbacks.labels("tiny", "tent", "_other")._value.get()
-        return trace, info, resets, rollbacks
+        return trace, info, trips, resets
 
     return run_engine(tiny, scenario, guard=guard)
 
 
-def test_collapse_guard_resets_a_collapsed_stream(tiny):
-    from runtime.engine import Guard
-
-    trace, info, resets, rollbacks = _collapse_run(tiny, Guard(action="rollback", patience=3))
-    assert any(m < 0.2 and c > 0.9 for m, c in trace), f"the stream never collapsed: {trace}"
-    assert info["guard_trips"] >= 1 and resets == info["guard_trips"] and rollbacks == 0  # no snapshot: reset
+def _samples(counter) -> dict:
+    """label values -> count of a labelled prometheus counter."""
+    return {tuple(s.labels.values()): s.value for metric in counter.collect() for s in metric.samples
+            if s.name.endswith("_total")}
 
 
-def test_collapse_guard_rolls_back_to_the_latest_snapshot(tiny):
-    from runtime.engine import Guard
+def test_collapse_guard_resets_a_runaway_stream_to_the_source(tiny):
+    from runtime.guard import GuardConfig
 
-    _, info, resets, rollbacks = _collapse_run(tiny, Guard(action="rollback", patience=3), snapshot_after=0)
-    assert info["guard_trips"] >= 1 and rollbacks == info["guard_trips"] and resets == 0
+    trace, info, trips, resets = _collapse_run(tiny, GuardConfig(action="reset", patience=3))
+    assert info["guard_trips"] >= 1 and resets == info["guard_trips"]
+    acted = {reason for (reason, action), v in trips.items() if action == "reset" and v > 0}
+    assert acted and acted <= {"marginal_collapse", "weight_runaway", "non_finite", "bn_shift_jump"}, trips
+    assert sum(v for (_, action), v in trips.items() if action == "reset") == info["guard_trips"]
+    # after a reset the step counter starts again from 0
+    assert any(later < earlier for (_, _, earlier), (_, _, later) in zip(trace, trace[1:]))
+
+
+def test_collapse_guard_rolls_back_to_its_last_good_state(tiny):
+    from runtime.guard import GuardConfig
+
+    # a milder rate: healthy for a while (good snapshots are kept every 2 updates), then runaway
+    trace, info, trips, resets = _collapse_run(tiny, GuardConfig(action="rollback", patience=2, snapshot_every=2),
+                                               n=40, lr="0.3")
+    rollbacks = sum(v for (_, action), v in trips.items() if action == "rollback")
+    assert rollbacks >= 1 and rollbacks + resets == info["guard_trips"], (trips, resets, info["guard_trips"])
+    # a rollback returns to an even step (a kept snapshot) greater than 0
+    returned = [later for (_, _, earlier), (_, _, later) in zip(trace, trace[1:]) if later < earlier]
+    assert any(step > 0 and step % 2 == 0 for step in returned), trace
 
 
 def test_collapse_guard_off_leaves_the_stream_alone(tiny):
-    from runtime.engine import Guard
+    from runtime.guard import GuardConfig
 
-    trace, info, resets, rollbacks = _collapse_run(tiny, Guard(action="off"))
-    assert info["guard_trips"] == 0 and resets == 0 and rollbacks == 0
+    trace, info, trips, resets = _collapse_run(tiny, GuardConfig(action="off"))
+    assert info["guard_trips"] == 0 and resets == 0 and not any(trips.values())
     assert trace[-1][0] < 0.2 and trace[-1][1] > 0.9  # still collapsed at the end
+    assert [step for _, _, step in trace] == list(range(len(trace)))
+
+
+def test_guard_answers_small_batches_with_the_source_and_does_not_learn_from_them(tiny):
+    from runtime.guard import GuardConfig
+
+    xs = batches(3, size=2, seed=8)
+
+    async def scenario(engine):
+        await engine.call("set_policy", "one", "tent", {"lr": "0.01"})
+        results = [await engine.infer("one", x) for x in xs]
+        return results, await engine.call("get", "one")
+
+    results, info = run_engine(tiny, scenario, guard=GuardConfig(min_batch=16))
+    source = adapters.create("source", tiny.module)
+    for r, x in zip(results, xs):
+        np.testing.assert_allclose(r.logits, source.predict(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+    assert info["step"] == 0 and info["guard_fallbacks"] == 3 and info["batches"] == 3
+    assert [r.guard for r in results] == ["small_batch"] * 3  # the reply says so (parameter tta_guard)
 
 
 def test_running_replica_resumes_a_stream_another_replica_checkpointed(tiny, tmp_path):
