@@ -296,7 +296,10 @@ def _grpc_sections(args, sections, device, n, bs, names) -> dict:
     from runtime.demo import StartedServer
 
     out = {}
-    server = StartedServer(0, -1, extra_args=("--policy", "source", "--device", device.type,
+    # guard off: on these short, clean streams the collapse guard may answer batches with the
+    # source prediction and drop their updates, so the figures would not be the policies' own
+    # (the guard's cost, one frozen forward per batch of a weight-updating stream: docs/POLICIES.md)
+    server = StartedServer(0, -1, extra_args=("--policy", "source", "--device", device.type, "--guard", "off",
                                               "--memory-budget-mb", str(args.memory_budget_mb)))
     try:
         model = load_model("demo", device)[0]  # the model the server serves, for the in-process side
@@ -336,7 +339,8 @@ def print_tables(result: dict) -> None:
         _table("reply latency per policy over source (gRPC, one stream each, sequential)", result["latency"],
                [("policy", "policy", "s"), ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"),
                 ("p50_ratio", "p50 × src", ".2f"), ("p99_ratio", "p99 × src", ".2f"),
-                ("update_done_ms", "update ms", ".1f"), ("server_state_bytes", "state B", "d")])
+                ("update_done_ms", "update ms", ".1f"), ("server_state_bytes", "state B", "d"),
+                ("guard_verdicts", "guard", "d")])
         print("  update ms: reply to update applied (GetStream step); the update runs after the reply")
     if "steps" in result:
         _table("adapter step over a frozen forward (in-process)", result["steps"],

@@ -46,10 +46,13 @@ class Endpoint:
         return [inp]
 
     def infer(self, x: np.ndarray, stream_id: str):
-        """Unary ModelInfer: (logits, the stream's adaptation step in the reply)."""
+        """Unary ModelInfer: (logits, the stream's adaptation step in the reply, the collapse
+        guard's verdict on the batch or '')."""
         r = self.client.infer(self.model, self._inputs(x), outputs=[self.tc.InferRequestedOutput(self.out_name)],
                               parameters={"stream_id": stream_id})
-        return r.as_numpy(self.out_name), r.get_response().parameters["tta_step"].int64_param
+        params = r.get_response().parameters
+        guard = params["tta_guard"].string_param if "tta_guard" in params else ""
+        return r.as_numpy(self.out_name), params["tta_step"].int64_param, guard
 
     def stream_infer(self, x: np.ndarray, stream_id: str) -> np.ndarray:
         """One request on the (lazily opened) bidirectional ModelStreamInfer stream, and its reply."""
@@ -74,6 +77,16 @@ class Endpoint:
         if self._replies is not None:
             self.client.stop_stream()
         self.client.close()
+
+
+def _demo_batches(n: int, batch: int, seed: int = 0) -> list[np.ndarray]:
+    """n i.i.d. batches of the shipped demo images (real data: random pixels are what the collapse
+    guard rightly refuses to learn from, so they would time something no real stream does)."""
+    from runtime.datasets import load_demo_slice
+
+    x, _ = load_demo_slice()
+    rng = np.random.default_rng(seed)
+    return [x[rng.choice(len(x), batch, replace=False)] for _ in range(n)]
 
 
 def _pixels(n: int, batch: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
@@ -120,9 +133,10 @@ def bench_latency(target: str, policies: list[str], batch: int = 64, requests: i
     policy is the baseline and is always measured."""
     ep = Endpoint(target)
     policies = ["source"] + [p for p in policies if p != "source"]
-    xs = _pixels(requests + warmup, batch, (32, 32), seed=1)
+    xs = _demo_batches(requests + warmup, batch, seed=1)
     latency = {p: [] for p in policies}
     update = {p: [] for p in policies}
+    verdicts = {p: 0 for p in policies}
     try:
         for p in policies:
             ep.set_policy(f"bench-latency-{p}", p)
@@ -130,9 +144,10 @@ def bench_latency(target: str, policies: list[str], batch: int = 64, requests: i
             for p in policies:  # in turn, so every policy sees the same machine load
                 sid, cls = f"bench-latency-{p}", adapters.REGISTRY[p]
                 start = time.perf_counter()
-                _, step = ep.infer(x, sid)
+                _, step, verdict = ep.infer(x, sid)
                 replied = time.perf_counter()
-                if cls.adapts and cls.deferred_update:
+                verdicts[p] += bool(verdict)
+                if cls.adapts and cls.deferred_update and not verdict:  # a guard verdict drops the update
                     while ep.stream_info(sid).step <= step:
                         if time.perf_counter() - replied > 300:
                             raise RuntimeError(f"stream {sid}: the update of step {step} was not applied in 300 s")
@@ -151,7 +166,7 @@ def bench_latency(target: str, policies: list[str], batch: int = 64, requests: i
         rows.append({"policy": p, "batch": batch, "requests": len(latency[p]), "p50_ms": p50 * 1e3,
                      "p99_ms": p99 * 1e3, "p50_ratio": p50 / base50, "p99_ratio": p99 / base99,
                      "update_done_ms": statistics.median(update[p]) * 1e3 if update[p] else None,
-                     "server_state_bytes": int(state[p])})
+                     "server_state_bytes": int(state[p]), "guard_verdicts": verdicts[p]})
     return rows
 
 

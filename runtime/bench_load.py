@@ -34,7 +34,7 @@ def bench_load(target: str, streams: int = 64, seconds: float = 60.0, batch: int
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
             try:
-                logits, _ = ep.infer(x, sid)
+                logits, _, _ = ep.infer(x, sid)
                 if logits.shape[0] != batch or not np.isfinite(logits).all():
                     raise ValueError(f"bad reply: shape {logits.shape}, finite {np.isfinite(logits).all()}")
             except Exception as e:  # noqa: BLE001 - every failure is a result here, listed in the report

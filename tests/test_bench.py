@@ -39,6 +39,7 @@ def test_quick_bench_reports_every_section():
     for r in latency.values():
         assert _positive(r["p50_ms"]) and r["p99_ms"] >= r["p50_ms"] and r["requests"] == 3
     assert _positive(latency["tent"]["update_done_ms"])  # the deferred update was seen applied after the reply
+    assert latency["tent"]["guard_verdicts"] == 0  # real i.i.d. images: the guard lets every update through
     assert latency["bn"]["update_done_ms"] is None
 
     steps = {r["policy"]: r for r in report["steps"]}
