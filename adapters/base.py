@@ -109,6 +109,7 @@ class Adapter:
     uses_randomness: bool = False
     adapts: bool = True  # False only for `source`
     deferred_update: bool = True  # False: all the work is in the forward pass, learn() is a no-op
+    ensemble_size: int = 1  # the prediction is the sum of this many networks' logits
     HYPERPARAMETERS: tuple[Hyperparameter, ...] = ()
 
     @classmethod

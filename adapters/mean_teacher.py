@@ -42,6 +42,7 @@ HYPERPARAMETERS = (
 
 
 class MeanTeacher(GradientAdapter):
+    ensemble_size = 2  # the prediction is student + teacher logits, as in the reference
     name = "mean-teacher"
     summary = ("Robust Mean Teacher (source-free): symmetric-CE mean teacher with augmentation and, "
                "with prototypes shipped with the model, a contrastive loss against them.")

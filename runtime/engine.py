@@ -35,7 +35,7 @@ import torch
 import adapters
 from adapters.batched import batch_key, predict_together
 from runtime import drift
-from runtime.guard import FALLBACK, GuardConfig, StreamGuard
+from runtime.guard import FALLBACK, GuardConfig, StreamGuard, comparable_logits
 from runtime.checkpoints import MAX_FILE_NAME, SNAPSHOT_NAME, CorruptCheckpoint, StateStore, file_name
 from runtime.metrics import OTHER, Metrics
 from runtime.model_config import LoadedModel
@@ -634,8 +634,8 @@ class Engine:
         `tta replay --guard` applies the verdicts the same way (docs/RESULTS.md)."""
         source = self._source_logits(x, batch)
         stream.weight_distance = float(stream.adapter.weight_distance())
-        reason = stream.guard.observe(logits, source, loss=stream.last_loss, weight_distance=stream.weight_distance,
-                                      bn_shift=bn_shift)
+        reason = stream.guard.observe(comparable_logits(stream.adapter, logits), source, loss=stream.last_loss,
+                                      weight_distance=stream.weight_distance, bn_shift=bn_shift)
         if reason is None:
             if candidate is not None and stream.guard.healthy():  # that state raised no signal at all
                 stream.good_state = candidate

@@ -212,7 +212,8 @@ class _Guarded:
         logits = a.predict(x)
         distance = a.weight_distance() if a.updates_weights else None
         self.max_weight_distance = max(self.max_weight_distance, distance or 0.0)
-        reason = self.guard.observe(logits.float().cpu().numpy(), source_logits.float().cpu().numpy(),
+        reason = self.guard.observe(guarding.comparable_logits(a, logits.float().cpu().numpy()),
+                                    source_logits.float().cpu().numpy(),
                                     loss=self.loss, weight_distance=distance, bn_shift=self.probe.take())
         if reason is None:
             if candidate is not None and self.guard.healthy():
