@@ -79,6 +79,11 @@ def add_arguments(p) -> None:
     p.add_argument("--state-dir", help="keep stream state here: evicted streams, snapshots, checkpoint at shutdown, "
                                        "restored at start (default: a temporary directory, nothing kept)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--frozen-backend", choices=("torch", "onnx", "auto"), default="torch",
+                   help="what runs unadapted `source` streams of a PyTorch model: torch, ONNX Runtime (the model "
+                        "exported at start, BN kept, logits checked against torch), or auto: ONNX Runtime when "
+                        "it measures faster at start. ONNX streams report no BN-shift drift figure "
+                        "(default: torch; a config's own onnx file is always used)")
     p.add_argument("--max-message-mb", type=float, default=64.0,
                    help="largest gRPC message accepted (grpcio's default is 4 MiB); larger: RESOURCE_EXHAUSTED")
     p.add_argument("--max-streams", type=int, default=1024, help="most streams kept; more: RESOURCE_EXHAUSTED")
@@ -581,7 +586,8 @@ def _token(path: str | None, env: str) -> str | None:
 
 async def serve(args) -> int:
     try:
-        model = load(args.model, device=args.device, default_policy=args.policy, tracked=args.track)
+        model = load(args.model, device=args.device, default_policy=args.policy, tracked=args.track,
+                     frozen_backend=args.frozen_backend)
     except ConfigError as e:
         log.error("%s", e)
         return 2

@@ -252,6 +252,26 @@ def test_onnx_model_serves_source_and_refuses_adaptation(tmp_path, tiny):
     np.testing.assert_allclose(adapted, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["onnx", "auto"])
+def test_frozen_backend_exports_a_torch_model_to_onnx_runtime(tiny_config, tiny, backend):
+    model = load(tiny_config, device="cpu", default_policy="source", frozen_backend=backend)
+    assert any("source streams run on" in note for note in model.notes), model.notes
+    if backend == "onnx":
+        assert model.frozen is not None and "ONNX Runtime" in model.notes[-1]
+    x = batches(1, seed=4)[0]
+
+    async def scenario(engine):
+        source = (await engine.infer("s", x)).logits
+        await engine.call("set_policy", "s", "bn", {})  # adapting streams still run the torch module
+        return source, (await engine.infer("s", x)).logits
+
+    source, adapted = run_engine(model, scenario)
+    np.testing.assert_allclose(source, tiny.module(torch.from_numpy(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(adapted, reference_outputs(tiny, "bn", [x])[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="choose torch, onnx or auto"):
+        load(tiny_config, device="cpu", frozen_backend="tensorrt")
+
+
 @pytest.mark.parametrize("kind", ["torchscript", "exported"])
 def test_torchscript_and_export_load_as_frozen_models(tmp_path, tiny, kind):
     from adapter_models import tiny_cnn
