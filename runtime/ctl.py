@@ -73,7 +73,8 @@ def _print_stream(s) -> None:
           f"{s.samples} samples; {'in memory' if s.resident else 'on disk'}, {s.state_bytes} B state\n"
           f"  bn_shift {s.bn_shift:.3f}  entropy {s.entropy:.3f}  confidence {s.confidence:.3f}  "
           f"class-marginal entropy {s.class_marginal_entropy:.3f}  weight distance {s.weight_distance:.4f}  "
-          f"loss {s.last_loss:.4f}\n  accuracy {accuracy}; snapshots: {', '.join(s.snapshots) or 'none'}")
+          f"loss {s.last_loss:.4f}\n  accuracy {accuracy}; snapshots: {', '.join(s.snapshots) or 'none'}; "
+          f"guard: {s.guard_trips} rollbacks/resets, {s.guard_fallbacks} batches answered by the source")
 
 
 def _parse_hyperparameters(items: list[str]) -> dict[str, str]:
