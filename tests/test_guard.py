@@ -153,3 +153,24 @@ def test_guarded_tent_is_no_worse_than_source_on_a_label_sorted_stream(capsys):
 def test_replay_refuses_a_bad_guard_flag(capsys):
     assert cli.main(REPLAY[:-1] + ["--guard", "rollback", "--guard-patience", "0"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_an_ensembles_summed_logits_are_compared_as_their_mean():
+    """Mean teacher predicts student + teacher logits; summed, they look surer than the source on
+    a label-sorted batch and slip past label_shift; as their mean they do not."""
+    import adapters
+    from adapter_models import tiny_cnn
+    from runtime.guard import comparable_logits
+
+    mean_teacher = adapters.create("mean-teacher", tiny_cnn())
+    assert mean_teacher.ensemble_size == 2 and adapters.create("tent", tiny_cnn()).ensemble_size == 1
+    sorted_batch = confident(np.full(64, 3))
+    member = confident(np.full(64, 3), margin=3.5)  # each network less sure than the source, their sum surer
+    for summed_as_is, want in ((True, None), (False, "label_shift")):
+        guard = StreamGuard()
+        for _ in range(5):
+            x = iid()
+            guard.observe(x, x)
+        summed = member * 2
+        shown = summed if summed_as_is else comparable_logits(mean_teacher, summed)
+        assert guard.observe(shown, sorted_batch) == want
