@@ -410,7 +410,8 @@ AUGMENT = Hyperparameter(
 class GradientAdapter(Adapter):
     """Base of the weight-updating adapters: a student network trained by Adam, one step per
     batch. Subclasses build their networks and implement `_forward_loss(x) -> (prediction,
-    loss)` and `_after_step()`."""
+    loss)` and `_after_step()`; `loss` may be a function computing it in learn(), after the reply,
+    for the passes only the update needs."""
 
     updates_weights = True
     uses_randomness = True
@@ -456,6 +457,8 @@ class GradientAdapter(Adapter):
     def _learn(self):
         loss, self._loss = self._loss, None
         with torch.enable_grad():
+            if callable(loss):  # the part of the loss the prediction does not need: computed after the reply
+                loss = loss()
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()

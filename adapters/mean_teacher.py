@@ -94,17 +94,24 @@ class MeanTeacher(GradientAdapter):
     def _forward_loss(self, x):
         hp = self.hyperparameters
         features, logits = self._observe(self._encode_classify, x)
-        features_aug, logits_aug = self._encode_classify(self.augment(x))
         with torch.no_grad():
             logits_teacher = self.teacher(x)
-        sce = lambda a, b: symmetric_cross_entropy(a, b, hp["sce_alpha"])  # noqa: E731
-        loss = (0.5 * sce(logits, logits_teacher) + 0.5 * sce(logits_aug, logits_teacher)).mean(0)
-        if self.prototypes is not None:
-            with torch.no_grad():
-                similarity = F.cosine_similarity(self.prototypes.unsqueeze(1), features.unsqueeze(0), dim=-1)
-                nearest = similarity.argmax(dim=0)
-            views = torch.stack([self.prototypes[nearest], features, features_aug], dim=1)
-            loss = loss + hp["lambda_contrast"] * self._contrastive(views)
+
+        def loss():
+            # the augmented view serves the update only, so its pass runs in learn(), after the
+            # reply; its draws come from the adapter's generator in the same order as in the
+            # reference, and the teacher (batch statistics, no running state) is unaffected by
+            # the order of the passes: the results are the reference's bit for bit
+            features_aug, logits_aug = self._encode_classify(self.augment(x))
+            sce = lambda a, b: symmetric_cross_entropy(a, b, hp["sce_alpha"])  # noqa: E731
+            total = (0.5 * sce(logits, logits_teacher) + 0.5 * sce(logits_aug, logits_teacher)).mean(0)
+            if self.prototypes is not None:
+                with torch.no_grad():
+                    similarity = F.cosine_similarity(self.prototypes.unsqueeze(1), features.unsqueeze(0), dim=-1)
+                    nearest = similarity.argmax(dim=0)
+                views = torch.stack([self.prototypes[nearest], features, features_aug], dim=1)
+                total = total + hp["lambda_contrast"] * self._contrastive(views)
+            return total
         return logits + logits_teacher, loss
 
     def _contrastive(self, views: torch.Tensor) -> torch.Tensor:
