@@ -3,9 +3,7 @@
 Per batch: (1) forward in train mode and discard the output; this moves every BN's running
 statistics towards the batch (momentum m, unbiased variance); (2) forward again in eval mode:
 that output, which already includes the current batch, is the prediction."""
-from torch import nn
-
-from .base import Hyperparameter, NormalisationAdapter, in_range
+from .base import Hyperparameter, NormalisationAdapter
 from .common import BATCH_NORMS, share_copy
 
 MOMENTUM = Hyperparameter(

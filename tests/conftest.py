@@ -54,6 +54,28 @@ def tiny_config(tmp_path_factory) -> Path:
     return write_tiny_config(tmp_path_factory.mktemp("tiny-model"))
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_config):
+    """The tiny model loaded in-process (for engine tests)."""
+    from runtime.model_config import load
+    return load(tiny_config, device="cpu")
+
+
+def run_engine(model, scenario, **engine_args):
+    """Run `await scenario(engine)` on a fresh in-process engine, then stop it."""
+    import asyncio
+
+    from runtime.engine import Engine
+
+    async def main():
+        engine = Engine(model, **engine_args)
+        try:
+            return await scenario(engine)
+        finally:
+            engine.close()
+    return asyncio.run(main())
+
+
 class ServerProcess:
     """`python -m runtime.server` on a free loopback port; stop() sends SIGTERM."""
 

@@ -11,6 +11,7 @@ from runtime.demo_model import build_demo_model
 from runtime.drift import BNShift
 
 from adapter_models import tiny_cnn
+from conftest import run_engine
 
 torch.set_num_threads(1)
 
@@ -61,26 +62,6 @@ def test_only_stateless_adapters_with_equal_settings_share_a_pass():
 
 
 # --- in the engine ---------------------------------------------------------------------------
-def run_engine(model, scenario, **engine_args):
-    import asyncio
-
-    from runtime.engine import Engine
-
-    async def main():
-        engine = Engine(model, **engine_args)
-        try:
-            return await scenario(engine)
-        finally:
-            engine.close()
-    return asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-    from runtime.model_config import load
-    return load(tiny_config, device="cpu")
-
-
 def test_engine_groups_queued_batches_of_streams_and_keeps_each_streams_order(tiny):
     import asyncio
     import time

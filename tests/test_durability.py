@@ -16,10 +16,9 @@ import tritonclient.grpc as tc
 import adapters
 from runtime import protos
 from runtime.checkpoints import MAGIC, CorruptCheckpoint, StateStore
-from runtime.engine import Engine, EngineError
-from runtime.model_config import load
+from runtime.engine import EngineError
 
-from conftest import ServerProcess
+from conftest import ServerProcess, run_engine
 
 torch.set_num_threads(1)
 pb, pb_grpc = protos.load("tta.v1.adaptation_pb2"), protos.load("tta.v1.adaptation_pb2_grpc")
@@ -29,11 +28,6 @@ def batch(stream: str, i: int, size: int = 4) -> np.ndarray:
     """Batch i of a stream: the same array in every process and round."""
     rng = np.random.default_rng([sum(map(ord, stream)), i])
     return (rng.random((size, 3, 16, 16), dtype=np.float32) * 0.8 + 0.1 * (i % 5) / 5).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-    return load(tiny_config, device="cpu")
 
 
 # --- the store ------------------------------------------------------------------------------
@@ -72,16 +66,6 @@ def test_crash_leftovers_are_cleared_and_odd_stream_ids_stay_listed(tmp_path):
 
 
 # --- the engine -----------------------------------------------------------------------------
-def run_engine(model, scenario, **engine_args):
-    async def main():
-        engine = Engine(model, **engine_args)
-        try:
-            return await scenario(engine)
-        finally:
-            engine.close()
-    return asyncio.run(main())
-
-
 def test_periodic_checkpoint_saves_changed_streams_only(tiny, tmp_path):
     async def scenario(engine):
         await engine.call("set_policy", "p", "tent", {"lr": "0.01"})

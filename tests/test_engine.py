@@ -17,7 +17,7 @@ import adapters
 from runtime.engine import Engine, EngineError
 from runtime.model_config import ConfigError, load
 
-from conftest import REPO, ServerProcess, write_tiny_config
+from conftest import REPO, ServerProcess, run_engine, write_tiny_config
 
 torch.set_num_threads(1)
 
@@ -31,22 +31,6 @@ def batches(n: int, size: int = 4, seed: int = 0) -> list[np.ndarray]:
 def reference_outputs(model, policy, xs, **hp):
     adapter = adapters.create(policy, model.module, **adapters.coerce(policy, hp))
     return [adapter.step(torch.from_numpy(x)).numpy() for x in xs]
-
-
-def run_engine(model, scenario, **engine_args):
-    """Run `await scenario(engine)` on a fresh engine, then stop it."""
-    async def main():
-        engine = Engine(model, **engine_args)
-        try:
-            return await scenario(engine)
-        finally:
-            engine.close()
-    return asyncio.run(main())
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_config):
-    return load(tiny_config, device="cpu")
 
 
 def test_eviction_under_memory_budget_keeps_state(tiny):

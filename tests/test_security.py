@@ -11,7 +11,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import grpc
-import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
