@@ -35,8 +35,8 @@ import torch
 import adapters
 from adapters.batched import batch_key, predict_together
 from runtime import drift
-from runtime.guard import FALLBACK, GuardConfig, StreamGuard, comparable_logits
 from runtime.checkpoints import MAX_FILE_NAME, SNAPSHOT_NAME, CorruptCheckpoint, StateStore, file_name
+from runtime.guard import FALLBACK, GuardConfig, StreamGuard, comparable_logits
 from runtime.metrics import OTHER, Metrics
 from runtime.model_config import LoadedModel
 
@@ -102,7 +102,6 @@ class Stream:
     guard_fallbacks: int = 0  # batches answered with the source prediction by the guard
     dirty: bool = False  # changed since its last checkpoint
     damaged: str = ""  # why its saved state could not be read (answered DATA_LOSS until replaced or deleted)
-    queued: int = 0  # batches of this stream waiting for the engine
 
     COUNTERS = ("batches", "samples", "bn_shift", "entropy", "confidence", "class_marginal_entropy",
                 "weight_distance", "last_loss", "feedback_labels", "feedback_correct", "guard_trips", "guard_fallbacks")
