@@ -48,6 +48,15 @@ REMEMBERED_REQUESTS = 65536  # predictions kept for feedback
 WIRE_FORBIDDEN = {"generator", "augment", "prototypes"}  # objects, not settable over the wire
 
 
+def check_snapshot_name(name: str) -> str:
+    """Empty (the engine picks a name) or SNAPSHOT_NAME over the whole string: a snapshot name
+    becomes a file name, so nothing else (no separator, no trailing newline) gets through."""
+    if name and not SNAPSHOT_NAME.fullmatch(name):
+        raise EngineError("INVALID_ARGUMENT", f"snapshot name {name[:80]!r}: use letters, digits, '.', '_', '-' "
+                                              f"(at most 64, starting with a letter or digit)")
+    return name
+
+
 class EngineError(Exception):
     """An error with the gRPC status code it should be answered with."""
 
@@ -766,9 +775,7 @@ class Engine:
         if not name:
             taken = set(stream.snapshots)
             name = next(f"snap-{i}" for i in itertools.count(len(stream.snapshots) + 1) if f"snap-{i}" not in taken)
-        if not SNAPSHOT_NAME.fullmatch(name):
-            raise EngineError("INVALID_ARGUMENT", f"snapshot name {name!r}: use letters, digits, '.', '_', '-' "
-                                                  f"(at most 64, starting with a letter or digit)")
+        check_snapshot_name(name)
         if stream.pending:
             self._learn(stream)
         self.store.save_snapshot(stream_id, name, self._record(stream))

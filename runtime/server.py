@@ -29,10 +29,9 @@ from grpc_reflection.v1alpha import reflection
 
 import adapters
 from runtime import protos
-from runtime.checkpoints import SNAPSHOT_NAME
 from runtime.ctl import CONTROL_TOKEN_ENV as TOKEN_ENV
 from runtime.ctl import INFERENCE_TOKEN_ENV
-from runtime.engine import WIRE_FORBIDDEN, Engine, EngineError
+from runtime.engine import WIRE_FORBIDDEN, Engine, EngineError, check_snapshot_name
 from runtime.guard import GuardConfig
 from runtime.metrics import Metrics
 from runtime.model_config import ConfigError, LoadedModel, load
@@ -148,14 +147,6 @@ def _set_parameter(params, key: str, value) -> None:
 def _parameter_value(p):
     which = p.WhichOneof("parameter_choice")
     return getattr(p, which) if which else None
-
-
-def _check_snapshot_name(name: str) -> str:
-    """Empty (the server picks one) or SNAPSHOT_NAME over the whole string (a trailing newline too)."""
-    if name and not SNAPSHOT_NAME.fullmatch(name):
-        raise EngineError("INVALID_ARGUMENT", f"snapshot name {name[:80]!r}: use letters, digits, '.', '_', '-' "
-                                              f"(at most 64, starting with a letter or digit)")
-    return name
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -494,14 +485,14 @@ class AdaptationService(tta_grpc.AdaptationServiceServicer):
     async def Snapshot(self, request, context):
         async def answer():
             name, info = await self.engine.call("snapshot", self._stream_id(request),
-                                                _check_snapshot_name(request.name))
+                                                check_snapshot_name(request.name))
             return tta_pb.SnapshotResponse(name=name, stream=_stream_info(info))
         return await self._run("Snapshot", request, context, answer)
 
     async def Rollback(self, request, context):
         async def answer():
             return _stream_info(await self.engine.call("rollback", self._stream_id(request),
-                                                       _check_snapshot_name(request.name)))
+                                                       check_snapshot_name(request.name)))
         return await self._run("Rollback", request, context, answer)
 
     async def Feedback(self, request, context):
