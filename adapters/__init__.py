@@ -1,4 +1,4 @@
-"""Online test-time adaptation methods, in pure PyTorch.
+"""Online test-time adaptation methods, in pure PyTorch: the registry and the public API.
 
     import adapters
     adapters.available()

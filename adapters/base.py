@@ -1,9 +1,11 @@
-"""The adapter protocol, hyperparameter validation and the per-adapter random generator.
+"""The adapter contract: the `Adapter` base class, hyperparameter validation and the per-adapter random generator.
 
 Every adapter is a subclass of `Adapter`. Subclasses implement `_predict(x)` (the method's
 prediction for a batch, keeping whatever the update needs) and `_learn()` (the update), plus
 `_state()` / `_load_state()` for their own tensors. `step(x)` is `predict(x)` then `learn()`,
-which is exactly the reference implementations' order.
+which is exactly the reference implementations' order. The two families of adapters build on
+it in normalisation.py (`NormalisationAdapter`: BN statistics only) and gradient.py
+(`GradientAdapter`: weights trained by Adam).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .common import norm_layer_source_stats
 
 
 @dataclass(frozen=True)
@@ -183,11 +187,22 @@ class Adapter:
         x = self._check_input(x)
         with torch.no_grad():
             out = self._predict(x)
+        self._count_prediction()
+        return out.detach()
+
+    @property
+    def pending(self) -> bool:
+        """True when an update (learn()) is owed for the last predicted batch."""
+        return self._pending
+
+    def _count_prediction(self) -> None:
+        """Book a prediction that has been made (by predict() or batched.predict_together): its
+        update is owed (deferred_update), or, when the forward pass was the update, it counts as
+        a step."""
         if self.deferred_update:
             self._pending = True
         elif self.adapts:
             self.steps += 1
-        return out.detach()
 
     def learn(self) -> dict[str, float]:
         """Apply the update for the last predicted batch; returns figures such as the loss."""
@@ -293,8 +308,6 @@ class Adapter:
             self._observing = False
 
     def _install_observer_hooks(self) -> None:
-        from .common import norm_layer_source_stats
-
         stats = norm_layer_source_stats(self.source)
         hooks = []
         for name, module in self._observed_network().named_modules():
@@ -345,177 +358,3 @@ def _tensor_bytes(obj) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v) for v in obj)
     return 0
-
-
-class NormalisationAdapter(Adapter):
-    """Base of the BN-only adapters: one network that shares the source weights and owns its
-    buffers (statistics, components). Its per-stream state is exactly those buffers."""
-
-    deferred_update = False
-
-    def __init__(self, model: nn.Module, **hyperparameters):
-        super().__init__(model, **hyperparameters)
-        self.net = self._build(model)
-        self._remember_generator()
-        self._initial = {k: v.detach().clone() for k, v in self.net.state_dict().items()
-                         if not _shares_storage(v, model)}
-
-    def _build(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
-
-    def _predict(self, x):
-        return self._observe(self.net, x)
-
-    def _observed_network(self):
-        return self.net
-
-    def _reset(self):
-        self._load_state(self._initial)
-
-    def _state(self):
-        return {k: v.detach().clone() for k, v in self.net.state_dict().items() if k in self._initial}
-
-    def _load_state(self, state):
-        own = dict(self.net.named_buffers())
-        missing = set(self._initial) - set(state)
-        if missing:
-            raise ValueError(f"state dict lacks {sorted(missing)[:3]}")
-        with torch.no_grad():
-            for k, v in state.items():
-                target = own.get(k)
-                if target is None:
-                    raise ValueError(f"unexpected key {k!r} in state dict")
-                target.copy_(v)
-
-
-def _shares_storage(t: torch.Tensor, model: nn.Module) -> bool:
-    return any(t.data_ptr() == s.data_ptr() for s in list(model.parameters()) + list(model.buffers()))
-
-
-NORM = Hyperparameter(
-    "norm", "bn", str, "bn | bn-alpha | unmix-tns",
-    "normalisation under the weight update: bn = batch statistics (the reference); bn-alpha or "
-    "unmix-tns swap in those layers first, as UnMix-TNS's authors stacked them",
-    lambda v: v in ("bn", "bn-alpha", "unmix-tns"))
-NORM_OPTIONS = Hyperparameter(
-    "norm_options", None, object, "None or a dict of the norm adapter's hyperparameters",
-    "hyperparameters of the `norm` layers (e.g. {'k': 16} for unmix-tns)",
-    lambda v: v is None or isinstance(v, dict))
-AUGMENT = Hyperparameter(
-    "augment", None, object, "None or a callable batch -> batch in [0, 1]",
-    "test-time augmentation; None: the CoTTA 'hard' transform drawn from the adapter's generator",
-    lambda v: v is None or callable(v))
-
-
-class GradientAdapter(Adapter):
-    """Base of the weight-updating adapters: a student network trained by Adam, one step per
-    batch. Subclasses build their networks and implement `_forward_loss(x) -> (prediction,
-    loss)` and `_after_step()`; `loss` may be a function computing it in learn(), after the reply,
-    for the passes only the update needs."""
-
-    updates_weights = True
-    uses_randomness = True
-
-    def _norm_network(self, model: nn.Module, own_weights: bool = True) -> nn.Module:
-        from .common import build_normalised_network
-
-        norm = self.hyperparameters["norm"]
-        options = dict(self.hyperparameters["norm_options"] or {})
-        if norm != "bn":
-            from . import REGISTRY
-            options = {k: v for k, v in REGISTRY[norm].validate(options).items() if k not in ("seed", "generator")}
-        elif options:
-            raise ValueError("hyperparameter 'norm_options' is only for norm='bn-alpha' or 'unmix-tns'")
-        return build_normalised_network(model, norm, self.generator, options, own_weights=own_weights)
-
-    def _augment(self):
-        from .augment import CottaAugment
-
-        return self.hyperparameters["augment"] or CottaAugment(self.generator)
-
-    def _setup_optimizer(self, params: list[tuple[str, nn.Parameter]], lr: float, betas=(0.9, 0.999)) -> None:
-        self.trainable = params
-        # foreach: one fused kernel per Adam operation over all parameters instead of a loop
-        # (torch's default on CUDA already; on the CPU it gives the same numbers, bit for bit)
-        self.optimizer = torch.optim.Adam([p for _, p in params], lr=lr, betas=betas, weight_decay=0.0,
-                                          foreach=True)
-        source_state = self.source.state_dict()
-        self.source_weights = {name: source_state[name] for name, _ in params}
-
-    def _finish_init(self, networks: dict[str, nn.Module]) -> None:
-        """Record the networks whose state is per-stream, and the initial state for reset()."""
-        self.networks = networks
-        self._initial = self._state()
-        self._remember_generator()
-
-    def _predict(self, x):
-        with torch.enable_grad():
-            prediction, loss = self._forward_loss(x)
-        self._loss = loss
-        return prediction
-
-    def _learn(self):
-        loss, self._loss = self._loss, None
-        with torch.enable_grad():
-            if callable(loss):  # the part of the loss the prediction does not need: computed after the reply
-                loss = loss()
-            loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        self._after_step()
-        return {"loss": float(loss.detach())}
-
-    def _discard(self):
-        self._loss = None
-        self.optimizer.zero_grad()
-
-    def _forward_loss(self, x):
-        raise NotImplementedError
-
-    def _after_step(self):
-        pass
-
-    def _reset(self):
-        self._load_state(self._initial)
-
-    def _state(self):
-        # Per-stream tensors only: whatever shares storage with the source model is left out.
-        shared = {t.data_ptr() for t in list(self.source.parameters()) + list(self.source.buffers())}
-        state = {name: {k: v.detach().clone() for k, v in net.state_dict().items() if v.data_ptr() not in shared}
-                 for name, net in self.networks.items()}
-        state["optimizer"] = _clone(self.optimizer.state_dict())
-        return state
-
-    def _load_state(self, state):
-        with torch.no_grad():
-            for name, net in self.networks.items():
-                own = net.state_dict()
-                expected = set(self._initial[name]) if hasattr(self, "_initial") else set(state[name])
-                if set(state.get(name, {})) != expected:
-                    raise ValueError(f"state dict does not match this adapter's {name!r} network")
-                for k, v in state[name].items():
-                    own[k].copy_(v)
-        self.optimizer.load_state_dict(_clone(state["optimizer"]))
-
-    def _adapted_weights(self):
-        return [(p, self.source_weights[name]) for name, p in self.trainable]
-
-    def state_bytes(self) -> int:
-        """Per-stream bytes, counted without copying, with Adam's two moments per trained
-        parameter included from the start (Adam allocates them at the first step), so that a
-        memory budget sees the size the stream will have."""
-        shared = {t.data_ptr() for t in list(self.source.parameters()) + list(self.source.buffers())}
-        own = sum(v.numel() * v.element_size() for net in self.networks.values()
-                  for v in net.state_dict().values() if v.data_ptr() not in shared)
-        moments = sum(2 * p.numel() * p.element_size() for group in self.optimizer.param_groups for p in group["params"])
-        return own + moments
-
-
-def _clone(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clone(v) for v in obj]
-    return obj

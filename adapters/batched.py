@@ -5,7 +5,7 @@ Streams whose adapters carry no state from one batch to the next (`source`: eval
 hyperparameters compute the same function of each batch; only their batch-statistics layers mix
 the samples of a batch. Stacked into one forward pass with each batch normalised by its own
 statistics (grouped_norm.grouped), every stream gets exactly the logits its own pass would give
-(tests/test_batched.py), while the convolutions run once over the whole stack.
+(tests/adapters/test_batched.py), while the convolutions run once over the whole stack.
 `bn-ema` and `unmix-tns` carry statistics from batch to batch per stream, and the
 weight-updating adapters keep per-stream weights: they are predicted one stream at a time.
 """
@@ -27,7 +27,7 @@ BATCHABLE = (Source, BatchNormTest, AlphaBatchNorm)
 
 def batch_key(adapter: Adapter, x: torch.Tensor) -> tuple | None:
     """Batches whose keys are equal can share one forward pass; None: this one cannot."""
-    if type(adapter) not in BATCHABLE or adapter._pending:
+    if type(adapter) not in BATCHABLE or adapter.pending:
         return None
     settings = tuple(sorted((k, repr(v)) for k, v in adapter.hyperparameters.items()))
     return adapter.name, id(adapter.source), settings, tuple(x.shape), x.dtype, x.device
@@ -48,8 +48,7 @@ def predict_together(adapters: list[Adapter], xs: list[torch.Tensor]) -> list[to
             _feed_observers(stack, lead, adapters, size)
         out = lead.net(stacked)
     for a in adapters:
-        if a.adapts:
-            a.steps += 1  # what predict() counts for a normalisation adapter
+        a._count_prediction()  # as predict() does
     return list(out.detach().split(size))
 
 

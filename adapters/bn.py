@@ -5,8 +5,8 @@ kept between batches. BatchNorm1d keeps the source statistics (the reference's B
 reads an undefined batch size and would crash on such a model)."""
 from torch import nn
 
-from .base import NormalisationAdapter
 from .common import share_copy
+from .normalisation import NormalisationAdapter
 
 
 class BatchNormTest(NormalisationAdapter):

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Hyperparameter, NormalisationAdapter, in_range
+from .base import Hyperparameter, in_range
 from .common import NormLayer, set_submodule, share_copy
+from .normalisation import NormalisationAdapter
 
 ALPHA = Hyperparameter("alpha", 0.1, float, "[0, 1]",
                        "weight of the current batch's statistics against the source statistics",

@@ -3,8 +3,9 @@
 Per batch: (1) forward in train mode and discard the output; this moves every BN's running
 statistics towards the batch (momentum m, unbiased variance); (2) forward again in eval mode:
 that output, which already includes the current batch, is the prediction."""
-from .base import Hyperparameter, NormalisationAdapter
+from .base import Hyperparameter
 from .common import BATCH_NORMS, share_copy
+from .normalisation import NormalisationAdapter
 
 MOMENTUM = Hyperparameter(
     "momentum", None, float, "None or (0, 1]",

@@ -1,5 +1,9 @@
-"""Pieces shared by several adapters, written once: model copies, BN configuration, losses,
-teacher EMA and stochastic restore."""
+"""Helpers shared by several adapters: model copies, BN facts and configuration, losses, EMA, restore.
+
+Written once here, for both families of adapters: structural copies that share or own the source
+weights, the source BN statistics and the reference batch-statistics configuration, the trainable
+parameter sets, the entropy and cross-entropy losses, the teacher EMA and CoTTA's stochastic
+restore. It imports nothing from the other adapter modules."""
 from __future__ import annotations
 
 import copy
@@ -98,24 +102,6 @@ def norm_affine_parameters(net: nn.Module) -> list[tuple[str, nn.Parameter]]:
     kinds = BATCH_NORMS + (nn.LayerNorm, nn.GroupNorm, NormLayer)
     return [(n, p) for n, p in direct_weights_and_biases(net)
             if isinstance(net.get_submodule(n.rpartition(".")[0]) if "." in n else net, kinds)]
-
-
-def build_normalised_network(model: nn.Module, norm: str, generator, norm_options: dict,
-                             own_weights: bool = True) -> nn.Module:
-    """A copy of `model` with its BN layers configured for `norm`, for a weight-updating adapter
-    to train: "bn" = the reference batch-statistics configuration; "bn-alpha" and "unmix-tns"
-    swap in those layers (as UnMix-TNS's authors did before building the method). With
-    own_weights=False the weights stay shared with the source and the caller owns what it trains."""
-    net = own_copy(model) if own_weights else share_copy(model)
-    if norm == "unmix-tns":
-        from .unmix_tns import convert_to_unmix_tns
-        convert_to_unmix_tns(net, generator=generator, **norm_options)
-    elif norm == "bn-alpha":
-        from .bn_alpha import convert_to_alpha_bn
-        convert_to_alpha_bn(net, **norm_options)
-    elif norm != "bn":
-        raise ValueError(f"hyperparameter 'norm'={norm!r}: valid: bn, bn-alpha, unmix-tns")
-    return configure_batch_stats(net)
 
 
 def copy_into(dst: nn.Module, src_state: dict) -> None:

@@ -14,9 +14,17 @@ the teacher (EMA of the student) and the anchor (source weights, never updated).
 7. the prediction is t, the teacher's logits from before the update."""
 import torch
 
-from .base import AUGMENT, NORM, NORM_OPTIONS, GradientAdapter, Hyperparameter, in_range
-from .common import (direct_weights_and_biases, ema_update, own_copy, rebind_to_source,
-                     stochastic_restore, symmetric_cross_entropy, teacher_cross_entropy)
+from .base import Hyperparameter, in_range
+from .common import (
+    direct_weights_and_biases,
+    ema_update,
+    own_copy,
+    rebind_to_source,
+    stochastic_restore,
+    symmetric_cross_entropy,
+    teacher_cross_entropy,
+)
+from .gradient import AUGMENT, NORM, NORM_OPTIONS, GradientAdapter
 from .grouped_norm import groupable, grouped
 
 # Input elements per grouped teacher forward, by device type. On a GPU the serial passes are

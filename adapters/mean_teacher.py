@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AUGMENT, NORM, NORM_OPTIONS, GradientAdapter, Hyperparameter, in_range
+from .base import Hyperparameter, in_range
 from .common import direct_weights_and_biases, ema_update, own_copy, symmetric_cross_entropy
+from .gradient import AUGMENT, NORM, NORM_OPTIONS, GradientAdapter
 
 HYPERPARAMETERS = (
     Hyperparameter("lr", 1e-3, float, "(0, 1]", "Adam learning rate (student and projector)",

@@ -1,6 +1,6 @@
 """`source`: no adaptation; the frozen source model in eval mode (BN-0)."""
-from .base import NormalisationAdapter
 from .common import share_copy
+from .normalisation import NormalisationAdapter
 
 
 class Source(NormalisationAdapter):

@@ -5,8 +5,9 @@ Per batch: logits = net(x) (the prediction); loss = mean entropy of softmax(logi
 the BN/LN/GN affine parameters. With steps > 1 the first steps−1 updates happen before the
 returned forward pass, as in the reference loop. Only the affine parameters are per-stream;
 the other weights are shared with the source model."""
-from .base import NORM, NORM_OPTIONS, GradientAdapter, Hyperparameter, in_range
+from .base import Hyperparameter, in_range
 from .common import entropy, norm_affine_parameters, own_parameters
+from .gradient import NORM, NORM_OPTIONS, GradientAdapter
 
 HYPERPARAMETERS = (
     Hyperparameter("lr", 1e-3, float, "(0, 1]", "Adam learning rate", in_range(0, 1, low_open=True)),

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Hyperparameter, NormalisationAdapter, in_range
+from .base import Hyperparameter, in_range
 from .common import NormLayer, set_submodule, share_copy
+from .normalisation import NormalisationAdapter
 
 HYPERPARAMETERS = (
     Hyperparameter("k", 16, int, "integer in [1, 1024] (>= 2 for any mixing)",

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from adapter_models import bn_only, stream, tiny_cnn
 
 import adapters
-from adapter_models import bn_only, stream, tiny_cnn
 from adapters.augment import CottaAugment
 from adapters.common import ema_update, stochastic_restore, symmetric_cross_entropy
 
@@ -249,7 +249,7 @@ def test_cotta_restore_masks_follow_the_generator_in_module_order():
     optimizer.step()
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        for (name, p), source in zip(student.named_parameters(), model.parameters()):
+        for (_name, p), source in zip(student.named_parameters(), model.parameters()):
             mask = (torch.rand(p.shape, generator=g) < 0.3).float()
             p.copy_(source * mask + p * (1 - mask))
     a.step(x)

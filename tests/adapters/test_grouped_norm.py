@@ -2,11 +2,11 @@
 CoTTA's grouped teacher reproduces the reference's serial loop step after step."""
 import pytest
 import torch
+from adapter_models import randomise_bn, stream, tiny_cnn
 from torch import nn
 
 import adapters
 import adapters.cotta
-from adapter_models import randomise_bn, stream, tiny_cnn
 from adapters.common import configure_batch_stats
 from adapters.grouped_norm import groupable, grouped
 from runtime.demo_model import build_demo_model

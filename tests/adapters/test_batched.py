@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_models import tiny_cnn
+from conftest import run_engine
 
 import adapters
 from adapters.batched import batch_key, predict_together
 from runtime.demo_model import build_demo_model
 from runtime.drift import BNShift
-
-from adapter_models import tiny_cnn
-from conftest import run_engine
 
 torch.set_num_threads(1)
 

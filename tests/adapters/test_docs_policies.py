@@ -3,7 +3,7 @@ from pathlib import Path
 
 import adapters
 
-DOC = (Path(__file__).resolve().parent.parent / "docs" / "POLICIES.md").read_text()
+DOC = (Path(__file__).resolve().parents[2] / "docs" / "POLICIES.md").read_text()
 
 
 def test_every_policy_and_hyperparameter_is_documented_with_its_default():
