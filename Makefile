@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 # server, for the monitoring tests) and Chromium (to render the console dashboards headless).
 SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium
 
-.PHONY: install system-deps demo serve test bench clean
+.PHONY: install system-deps demo serve lint test bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ system-deps:
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	  else echo "missing Debian packages:$$missing (run: sudo apt-get install$$missing); tests that need them will fail"; fi; \
 	fi
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
 
 test: $(BIN)/.installed system-deps
 	$(BIN)/python -m pytest -q

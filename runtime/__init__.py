@@ -1,3 +1,2 @@
-"""tta-runtime: the serving side (CLI, model loading, engine, gRPC servicers, metrics)."""
-
-__version__ = "0.1.0"
+"""tta-runtime: the server (serving/, engine/), its model loading, guard, metrics and state, and
+its clients (ctl, lab/, demo/). The version is the package's (pyproject.toml; runtime.protocol.VERSION)."""

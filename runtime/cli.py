@@ -10,11 +10,11 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "serve": ("runtime.server", "run the gRPC inference server (built-in demo model without --model)"),
-    "demo": ("runtime.demo", "stream drifting demo data through a server and show live accuracy per policy"),
+    "demo": ("runtime.demo.demo", "stream drifting demo data through a server and show live accuracy per policy"),
     "ctl": ("runtime.ctl", "control a running server: policies, streams, reset, snapshot, rollback, feedback"),
-    "replay": ("runtime.replay", "replay a corruption benchmark through adapters in-process (paper-style table)"),
-    "train-demo": ("runtime.train_demo", "train the built-in demo model on Fashion-MNIST"),
-    "bench": ("runtime.bench", "benchmarks, as ratios measured side by side: gRPC vs in-process, reply latency per "
+    "replay": ("runtime.lab.replay", "replay a corruption benchmark through adapters in-process (paper-style table)"),
+    "train-demo": ("runtime.demo.train", "train the built-in demo model on Fashion-MNIST"),
+    "bench": ("runtime.lab.bench", "benchmarks, as ratios measured side by side: gRPC vs in-process, reply latency per "
               "policy, adapter step vs frozen forward, CoTTA vs serial, memory per stream, ONNX vs torch, load"),
 }
 

@@ -11,9 +11,7 @@ import sys
 import grpc
 
 from runtime import protos
-
-CONTROL_TOKEN_ENV = "TTA_CONTROL_TOKEN"
-INFERENCE_TOKEN_ENV = "TTA_INFERENCE_TOKEN"
+from runtime.protocol import CONTROL_TOKEN_ENV, bearer_headers
 
 EXAMPLES = """examples:
   tta ctl policies                              # what a stream can run, with hyperparameters
@@ -100,12 +98,6 @@ def _channel(args):
     credentials = grpc.ssl_channel_credentials(root_certificates=_read(args.tls_ca), private_key=_read(args.tls_key),
                                                certificate_chain=_read(args.tls_cert))
     return grpc.secure_channel(args.target, credentials)
-
-
-def bearer_headers(token: str | None) -> dict[str, str] | None:
-    """The authorization header for a bearer token, as tritonclient's headers= takes it; None
-    without a token. Inference clients (demo, bench): bearer_headers(os.environ.get(INFERENCE_TOKEN_ENV))."""
-    return {"authorization": f"Bearer {token}"} if token else None
 
 
 class WithMetadata:

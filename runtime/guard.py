@@ -98,6 +98,95 @@ class GuardConfig:
             raise ValueError("guard patience, snapshot_every, bn_jump_patience and min_batch must be >= 1")
 
 
+def is_guarded(adapter, config: GuardConfig) -> bool:
+    """Who is guarded, for the server and `tta replay` alike: weight-updating adapters while the
+    guard is on. Statistics-only policies (bn, bn-alpha, bn-ema, unmix-tns) are not: their state is
+    re-estimated from every batch, so there is no runaway to roll back (docs/RESULTS.md)."""
+    return adapter is not None and adapter.updates_weights and config.action != "off"
+
+
+@dataclass
+class Outcome:
+    """What the guard made of one batch: the logits to answer it with and what was done."""
+    reply: np.ndarray   # the adapted logits, or the source's (fallback, or non-finite adapted logits)
+    reason: str = ""    # the verdict (REASONS), "" when the batch passed every check
+    action: str = ""    # "", "fallback", "rollback" or "reset"
+    rolled_back_to: int = 0  # the adapter's step after a rollback
+
+    @property
+    def learn(self) -> bool:
+        """Apply this batch's update: only when it raised no verdict."""
+        return not self.reason
+
+
+class Guarded:
+    """The guard of one adapting stream: its StreamGuard, the last good state of its adapter and
+    the weight distance of that adapter's current weights. The engine and `tta replay` call the
+    same three methods, so a verdict means the same in both:
+
+        guarded.before_predict(adapter)            # may keep a candidate for the last good state
+        logits = adapter.predict(x)
+        outcome = guarded.judge(adapter, logits, source_logits, loss, bn_shift)
+        if outcome.learn: adapter.learn(); guarded.learned(adapter)
+
+    `judge` also carries out the verdict on the adapter (drop the batch's update; load the last
+    good state, or reset it); what the caller keeps about the stream (step, counters, metrics,
+    logs) stays the caller's."""
+
+    def __init__(self, config: GuardConfig, prior: np.ndarray | None = None):
+        self.guard = StreamGuard(config, prior)
+        self.good_state: dict | None = None  # the adapter's last good state_dict (in memory)
+        self._candidate: dict | None = None
+        self.weight_distance = 0.0           # of the adapter's current weights (one pass per update)
+
+    def before_predict(self, adapter) -> None:
+        """Every `snapshot_every` updates the state about to predict this batch is a candidate for
+        the last good state: it becomes it if this batch raises no signal at all (a state after an
+        update is not checked yet). state_dict() returns copies."""
+        self._candidate = adapter.state_dict() if self.guard.snapshot_due(adapter.steps) else None
+
+    def judge(self, adapter, logits: np.ndarray, source_logits: np.ndarray | None, loss: float | None,
+              bn_shift: float | None) -> Outcome:
+        reason = self.guard.observe(comparable_logits(adapter, logits), source_logits, loss=loss,
+                                    weight_distance=self.weight_distance, bn_shift=bn_shift)
+        candidate, self._candidate = self._candidate, None
+        if reason is None:
+            if candidate is not None and self.guard.healthy():
+                self.good_state = candidate
+            return Outcome(logits)
+        adapter.discard()  # never learn from the batch that raised the verdict
+        action = self.guard.action(reason)
+        if action == FALLBACK:  # this batch is answered by the source; the adapted state is kept
+            return Outcome(source_logits, reason, FALLBACK)
+        step = 0
+        if action == "rollback" and self.good_state is not None:
+            adapter.load_state_dict(self.good_state)
+            self.good_state = None  # used up: tripping again before a new good state means reset
+            step = adapter.steps
+        else:
+            action = "reset"
+            adapter.reset()
+            self.good_state = None
+        self.guard.after_action()
+        self.learned(adapter)
+        return Outcome(source_logits if reason == "non_finite" else logits, reason, action, step)
+
+    def learned(self, adapter) -> None:
+        """The adapter's weights changed (an update, a rollback, a reset): measure them once."""
+        self.weight_distance = float(adapter.weight_distance())
+
+    def after_reset(self) -> None:
+        """The caller reset the stream (operator, sequence start): its signals and last good
+        state described the state just dropped; the source's long-run marginal stays."""
+        self.guard.after_action()
+        self.good_state = None
+        self.weight_distance = 0.0
+
+    def describe(self) -> str:
+        """The last batch's figures, for a log line."""
+        return ", ".join(f"{k} {v:.3g}" for k, v in self.guard.figures.items() if isinstance(v, float))
+
+
 def comparable_logits(adapter, logits: np.ndarray) -> np.ndarray:
     """The adapter's prediction as the guard compares it with the source's: an ensemble's summed
     logits (mean teacher: student + teacher) as their mean, so that its confidence is not inflated

@@ -11,7 +11,15 @@ from __future__ import annotations
 import platform
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
 
 # `_created` series double the exposition for no use here (SERVING.md §4.1)
 disable_created_metrics()
@@ -100,6 +108,7 @@ class Metrics:
                                         labels, registry=r)
         self.accuracy = Gauge("tta_online_accuracy_ratio", "Online accuracy from feedback labels (correct / labels)",
                               labels, registry=r)
+        self._feedback_totals: dict[tuple, list[int]] = {}  # label values -> [correct, labels], for the gauge
 
     def stream_label(self, stream_id: str) -> str:
         return stream_id if stream_id in self.tracked else OTHER
@@ -149,12 +158,13 @@ class Metrics:
 
     def feedback(self, stream_id: str, policy: str, correct: int, total: int) -> None:
         lv = (self.model, policy, self.stream_label(stream_id))
-        labels_c, correct_c = self.feedback_labels.labels(*lv), self.feedback_correct.labels(*lv)
-        labels_c.inc(total)
-        correct_c.inc(correct)
-        seen = labels_c._value.get()  # the running totals of this label set give its accuracy
-        if seen > 0:
-            self.accuracy.labels(*lv).set(correct_c._value.get() / seen)
+        self.feedback_labels.labels(*lv).inc(total)
+        self.feedback_correct.labels(*lv).inc(correct)
+        totals = self._feedback_totals.setdefault(lv, [0, 0])
+        totals[0] += correct
+        totals[1] += total
+        if totals[1] > 0:
+            self.accuracy.labels(*lv).set(totals[0] / totals[1])
 
     def request(self, method: str) -> None:
         self.requests.labels(self.model, method).inc()

@@ -2,7 +2,7 @@
 
     name = "demo"                                   # the model name clients send
     [model]
-    factory = "runtime.demo_model:build_demo_model" # or "path/to/file.py:build"; an nn.Module
+    factory = "runtime.demo.model:build_demo_model" # or "path/to/file.py:build"; an nn.Module
     factory_args = { pretrained = false }
     weights = "demo_resnet.pt"                      # state dict loaded into the factory's module
     # torchscript = "model.pt"  |  exported = "model.pt2"  |  onnx = "model.onnx"
@@ -51,7 +51,8 @@ class ConfigError(ValueError):
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std per channel, so that adapters and clients deal in [0, 1] pixels."""
+    """(x - mean) / std per channel, so that adapters and clients deal in [0, 1] pixels; buffers, so
+    they travel with the state dict (the demo and benchmark networks start with one too)."""
 
     def __init__(self, mean, std):
         super().__init__()

@@ -7,22 +7,16 @@ runtime.server in-process.
 """
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
+
+from runtime.demo.launcher import LocalServer
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_FACTORY = REPO / "tests" / "adapter_models.py"
 TINY_LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TRACKED = ["tracked-a", "tracked-b"]
-READY_LINE = re.compile(r"ready on (\S+):(\d+) metrics (-?\d+)")
 
 
 def write_tiny_config(folder: Path, default_policy: str = "bn", extra_model: str = "") -> Path:
@@ -76,53 +70,13 @@ def run_engine(model, scenario, **engine_args):
     return asyncio.run(main())
 
 
-class ServerProcess:
-    """`python -m runtime.server` on a free loopback port; stop() sends SIGTERM."""
+class ServerProcess(LocalServer):
+    """`python -m runtime.server` on free loopback ports (runtime.demo.launcher), with the tests'
+    environment (one OpenMP thread, no progress bars), from the repository root; stop() sends
+    SIGTERM and returns the exit code."""
 
     def __init__(self, *args: str, timeout: float = 60.0):
-        env = dict(os.environ, OMP_NUM_THREADS="1", TTA_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime.server", "--port", "0", "--metrics-port", "0",
-                                      *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        self.stderr_lines: list[str] = []
-        self.signalled = False
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
-        self.host, self.port, self.metrics_port = self._wait_ready(timeout)
-        self.target = f"{self.host}:{self.port}"
-
-    def _drain_stderr(self):
-        for line in self.proc.stderr:
-            self.stderr_lines.append(line)
-
-    def _wait_ready(self, timeout: float):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.stderr()}")
-                continue
-            match = READY_LINE.search(line)
-            if match:
-                return match.group(1), int(match.group(2)), int(match.group(3))
-        raise RuntimeError(f"server not ready within {timeout} s:\n{self.stderr()}")
-
-    def stderr(self) -> str:
-        return "".join(self.stderr_lines)
-
-    def sigterm(self) -> None:
-        """Ask for a graceful shutdown, once (a second signal makes the server exit at once)."""
-        if not self.signalled and self.proc.poll() is None:
-            self.signalled = True
-            self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self, timeout: float = 60.0) -> int:
-        self.sigterm()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
+        super().__init__(*args, env={"OMP_NUM_THREADS": "1", "TTA_NO_PROGRESS": "1"}, cwd=REPO, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

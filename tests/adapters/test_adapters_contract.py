@@ -4,9 +4,9 @@ import io
 
 import pytest
 import torch
-from adapter_models import stream, tiny_cnn
 
 import adapters
+from adapter_models import stream, tiny_cnn
 
 ALL = adapters.available()
 BN_ONLY = ["source", "bn", "bn-alpha", "bn-ema", "unmix-tns"]

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from adapter_models import bn_only, stream, tiny_cnn
 
 import adapters
+from adapter_models import bn_only, stream, tiny_cnn
 from adapters.augment import CottaAugment
 from adapters.common import ema_update, stochastic_restore, symmetric_cross_entropy
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_models import tiny_cnn
-from conftest import run_engine
 
 import adapters
+from adapter_models import tiny_cnn
 from adapters.batched import batch_key, predict_together
-from runtime.demo_model import build_demo_model
+from conftest import run_engine
+from runtime.demo.model import build_demo_model
 from runtime.drift import BNShift
 
 torch.set_num_threads(1)
@@ -72,8 +72,8 @@ def test_engine_groups_queued_batches_of_streams_and_keeps_each_streams_order(ti
 
     async def scenario(engine):
         for stream, policy in policies.items():
-            await engine.call("set_policy", stream, policy, {})
-        busy = engine._enqueue(lambda: time.sleep(0.3))  # everything below queues up behind it
+            await engine.set_policy(stream, policy, {})
+        busy = engine.jobs.submit(lambda: time.sleep(0.3))  # everything below queues up behind it
         futures = [engine.enqueue_infer(stream, xs[stream][t]) for t in range(3) for stream in policies]
         await busy
         results = await asyncio.gather(*futures)
@@ -101,10 +101,10 @@ def test_a_control_operation_between_batches_ends_the_group(tiny):
 
     async def scenario(engine):
         for stream in ("c0", "c1"):
-            await engine.call("set_policy", stream, "bn", {})
-        busy = engine._enqueue(lambda: time.sleep(0.3))
+            await engine.set_policy(stream, "bn", {})
+        busy = engine.jobs.submit(lambda: time.sleep(0.3))
         first = engine.enqueue_infer("c0", batches(1, size=4)[0].numpy())
-        switch = asyncio.ensure_future(engine.call("set_policy", "c1", "source", {}))
+        switch = asyncio.ensure_future(engine.set_policy("c1", "source", {}))
         await asyncio.sleep(0)
         second = engine.enqueue_infer("c1", batches(1, size=4)[0].numpy())
         await busy

@@ -2,14 +2,14 @@
 CoTTA's grouped teacher reproduces the reference's serial loop step after step."""
 import pytest
 import torch
-from adapter_models import randomise_bn, stream, tiny_cnn
 from torch import nn
 
 import adapters
 import adapters.cotta
+from adapter_models import randomise_bn, stream, tiny_cnn
 from adapters.common import configure_batch_stats
 from adapters.grouped_norm import groupable, grouped
-from runtime.demo_model import build_demo_model
+from runtime.demo.model import build_demo_model
 
 MODELS = {"tiny": (tiny_cnn, 16), "resnet20": (build_demo_model, 32)}
 
@@ -156,7 +156,7 @@ def _recording(context, calls):
 
 
 def test_bench_figures_compare_equal_outputs(stacking_on_cpu):
-    from runtime.bench_adapters import cotta_vs_serial, grouped_bn_streams
+    from runtime.lab.bench_adapters import cotta_vs_serial, grouped_bn_streams
 
     model = tiny_cnn()
     cotta = cotta_vs_serial(model, stream(4, batch=4), "cpu", n_augmentations=4)

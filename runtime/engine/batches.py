@@ -1,0 +1,163 @@
+"""Predicting batches: one batch of a stream, or a group of batches of several streams in one
+forward pass; the collapse guard's verdict carried out; the reply and the stream's figures.
+
+Order within a batch (DESIGN.md principle 1, "predict first, adapt after"): the stream's owed
+update from its previous batch is applied, the batch is predicted and answered, and this batch's
+update is left owed (`adapter.pending`) for the worker to apply later.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import adapters
+from adapters.batched import batch_key, predict_together
+from runtime import drift
+from runtime.engine.stream import Stream
+from runtime.engine.table import StreamTable
+from runtime.guard import Outcome
+from runtime.metrics import Metrics
+from runtime.model_config import LoadedModel
+
+log = logging.getLogger("tta.engine")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One inference request as the engine runs it (its stream id already checked)."""
+    stream_id: str
+    x: np.ndarray            # float32 NCHW in [0, 1]
+    request_id: str
+    enqueued: float          # time.monotonic() when queued
+    start: bool = False      # reset the stream to the source state first (sequence_start)
+    end: bool = False        # afterwards, checkpoint the stream and free its memory (sequence_end)
+
+
+@dataclass
+class InferResult:
+    logits: np.ndarray
+    stream_id: str
+    policy: str
+    step: int
+    request_id: str
+    bn_shift: float | None
+    entropy: float
+    confidence: float
+    class_marginal_entropy: float
+    guard: str = ""  # the collapse guard's verdict on this batch (runtime/guard.py REASONS), if any
+
+
+class Batches:
+    def __init__(self, model: LoadedModel, table: StreamTable, metrics: Metrics):
+        self.model, self.table, self.metrics = model, table, metrics
+        self._source_adapter = None  # the source model's forward for the guard (built on first use)
+        # cumulative figures for ModelStatistics (written by the worker only)
+        self.totals = {"batches": 0, "samples": 0, "queue_ns": 0, "compute_ns": 0, "last_inference_ms": 0}
+
+    # ------------------------------------------------------------------ one batch
+    def predict(self, batch: Batch) -> InferResult:
+        started = time.monotonic()
+        if batch.start and self.table.peek(batch.stream_id) is not None:
+            stream = self.table.get(batch.stream_id)
+            stream.reset(self.metrics, "sequence_start", self.model.num_classes)
+        stream = self.table.get(batch.stream_id)
+        self.table.learn_owed(stream)  # batch t+1 sees the update from batch t
+        verdict = ""
+        if stream.frozen:
+            logits, bn_shift = self.model.frozen(batch.x), None
+        else:
+            x = torch.from_numpy(batch.x).to(self.model.device)
+            if stream.guarded is not None:
+                stream.guarded.before_predict(stream.adapter)
+            logits = stream.adapter.predict(x).float().cpu().numpy()
+            bn_shift = stream.predicted(self.metrics)
+            if stream.guarded is not None:
+                logits, verdict = self._guard(stream, batch.x, x, logits, bn_shift)
+        return self._finish(stream, batch, started, time.monotonic() - started, logits, bn_shift, verdict)
+
+    def _source_logits(self, x: np.ndarray, batch: torch.Tensor) -> np.ndarray:
+        if self.model.frozen is not None:
+            return self.model.frozen(x)
+        if self._source_adapter is None:
+            self._source_adapter = adapters.create("source", self.model.module)
+        return self._source_adapter.predict(batch).float().cpu().numpy()
+
+    def _guard(self, stream: Stream, x: np.ndarray, batch: torch.Tensor, logits: np.ndarray,
+               bn_shift: float | None) -> tuple[np.ndarray, str]:
+        """The guard's verdict on a guarded stream's batch, before its reply and its update
+        (runtime/guard.py Guarded.judge decides and carries it out; here it is counted and logged)."""
+        outcome: Outcome = stream.guarded.judge(stream.adapter, logits, self._source_logits(x, batch),
+                                                stream.last_loss, bn_shift)
+        if not outcome.reason:
+            return outcome.reply, ""
+        stream.guard_outcome(outcome, self.metrics, self.model.num_classes)
+        if outcome.action != "fallback":
+            done = (f"rolled back to its last good state (step {outcome.rolled_back_to})"
+                    if outcome.action == "rollback" else "reset to the source state")
+            log.warning("collapse guard: stream %r (%s) %s: %s (%s)", stream.id, stream.policy, done, outcome.reason,
+                        stream.guarded.describe())
+        return outcome.reply, outcome.reason
+
+    def _finish(self, stream: Stream, batch: Batch, started: float, inference_seconds: float, logits: np.ndarray,
+                bn_shift: float | None, verdict: str = "") -> InferResult:
+        n = len(batch.x)
+        t = self.totals
+        t["batches"] += 1
+        t["samples"] += n
+        t["queue_ns"] += int((started - batch.enqueued) * 1e9)
+        t["compute_ns"] += int(inference_seconds * 1e9)
+        t["last_inference_ms"] = int(time.time() * 1000)
+        figures = drift.batch_figures(logits)
+        stream.record_batch(n, figures, bn_shift)
+        self.table.remember(batch.request_id, stream, figures["predicted"])
+        self.metrics.batch(stream.id, stream.policy, n, figures, bn_shift, stream.class_marginal_entropy,
+                           started - batch.enqueued, inference_seconds)
+        result = InferResult(logits=logits, stream_id=stream.id, policy=stream.policy, step=stream.step,
+                             request_id=batch.request_id, bn_shift=bn_shift, entropy=stream.entropy,
+                             confidence=stream.confidence, class_marginal_entropy=stream.class_marginal_entropy,
+                             guard=verdict)
+        self.table.enforce_memory_budget(keep=stream.id)
+        return result
+
+    # ------------------------------------------------------------------ cross-stream batching
+    def group_key(self, batch: Batch):
+        """Queued batches with equal keys can share one forward pass; None: this one cannot."""
+        stream = self.table.peek(batch.stream_id)
+        if batch.start or batch.end or stream is None or not stream.resident or stream.pending:
+            return None
+        if stream.frozen:
+            return "frozen", batch.x.shape
+        return batch_key(stream.adapter, torch.from_numpy(batch.x))
+
+    def predict_group(self, group: list[Batch]) -> list[tuple[InferResult | None, Exception | None]] | None:
+        """One forward pass for the batches of several streams, then each batch's bookkeeping and
+        reply as if it had been predicted alone; None if the pass failed (predict them one by one)."""
+        started = time.monotonic()
+        streams = [self.table.get(b.stream_id) for b in group]
+        xs = [b.x for b in group]
+        try:
+            if streams[0].frozen:
+                logits = np.split(self.model.frozen(np.concatenate(xs)), len(xs))
+                shifts = [None] * len(xs)
+            else:
+                outs = predict_together([s.adapter for s in streams],
+                                        [torch.from_numpy(x).to(self.model.device) for x in xs])
+                logits = [o.float().cpu().numpy() for o in outs]
+                shifts = [s.predicted(self.metrics) for s in streams]
+        except Exception:  # noqa: BLE001 - never worse than one at a time
+            log.exception("a grouped forward pass failed; predicting its batches one by one")
+            return None
+        share = (time.monotonic() - started) / len(group)  # compute time attributed to each batch
+        self.metrics.grouped_batches.labels(self.model.name).observe(len(group))
+        answers = []
+        for batch, stream, lg, shift in zip(group, streams, logits, shifts):
+            try:
+                answers.append((self._finish(stream, batch, started, share, lg, shift), None))
+            except Exception as e:  # noqa: BLE001
+                log.exception("engine job failed")
+                answers.append((None, e))
+        return answers

@@ -1,0 +1,226 @@
+"""The engine: per-stream adapters driven by one dedicated torch worker thread, and the typed
+async API the serving layer calls.
+
+Order of work (DESIGN.md principle 1, "predict first, adapt after"):
+  * every batch and every control operation is a job on one FIFO queue served by one thread
+    (engine/jobs.py), so a stream's jobs run in arrival order and a policy change, reset or
+    rollback lands exactly between two batches;
+  * a batch job predicts (engine/batches.py), hands the reply back to the event loop at once, and
+    leaves the stream's update owed; owed updates run when the queue is idle, or right before
+    that stream's next batch (so batch t+1 always sees the update from batch t), or before any
+    control operation or checkpoint of the stream.
+The gRPC event loop never runs torch code: it awaits futures the worker resolves.
+
+Streams are created on first use with the model's default policy, up to a stream limit; idle
+streams beyond the memory budget go to disk and come back on their next batch (engine/table.py).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from runtime.checkpoints import StateStore
+from runtime.engine.batches import Batch, Batches, InferResult
+from runtime.engine.control import Control
+from runtime.engine.errors import EngineError, check_stream_id
+from runtime.engine.jobs import Job, Jobs
+from runtime.engine.policies import Policies
+from runtime.engine.table import StreamTable
+from runtime.guard import GuardConfig
+from runtime.metrics import Metrics
+from runtime.model_config import LoadedModel
+
+log = logging.getLogger("tta.engine")
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, metrics: Metrics | None = None, state_dir: str | None = None,
+                 max_streams: int = 1024, memory_budget_bytes: int = 2 << 30, max_queue: int = 256,
+                 guard: GuardConfig | None = None, max_stream_queue: int = 64,
+                 checkpoint_interval: float = 0.0, max_group: int | None = None):
+        self.model = model
+        self.metrics = metrics or Metrics(model.name, model.tracked_streams)
+        self.max_streams, self.memory_budget = max_streams, memory_budget_bytes
+        # queued batches of different streams that can share one forward pass (adapters/batched.py):
+        # up to this many; 1 turns cross-stream batching off. Default: on for CUDA, where the passes
+        # are launch-bound; off on the CPU, where stacked passes measured no faster (docs/BENCHMARKS.md)
+        self.max_group = max_group if max_group is not None else (64 if str(model.device).startswith("cuda") else 1)
+        # periodic checkpoints of changed streams (with a state dir); 0 = only at eviction and shutdown
+        self.checkpoint_interval = checkpoint_interval if state_dir else 0.0
+        self._last_checkpoint = time.monotonic()
+        self.persistent = state_dir is not None
+        self._tmp_dir = None if state_dir else tempfile.mkdtemp(prefix="tta-state-")
+        self.store = StateStore(state_dir or self._tmp_dir)
+        self.policies = Policies(model)
+        self.table = StreamTable(model, self.policies, self.metrics, self.store, self.persistent, max_streams,
+                                 memory_budget_bytes, guard or GuardConfig())
+        self.batches = Batches(model, self.table, self.metrics)
+        self.control = Control(model, self.table, self.policies, self.metrics)
+        self.jobs = Jobs(max_queue, max_stream_queue, self.metrics)
+        self._request_ids = itertools.count(1)
+        self.metrics.memory_budget.labels(model.name).set(memory_budget_bytes)
+        self.metrics.stream_limit.labels(model.name).set(max_streams)
+        self.table.restore_saved()
+        self.jobs.start(self._worker)
+
+    # ------------------------------------------------------------------ typed async API (event loop)
+    def enqueue_infer(self, stream_id: str | None, x: np.ndarray, request_id: str = "", start: bool = False,
+                      end: bool = False) -> "asyncio.Future[InferResult]":  # noqa: F821
+        """Queue one batch (float32 NCHW in [0, 1]) of a stream; the future resolves to its
+        InferResult as soon as it is predicted (its update follows later). Batches of a stream
+        are served in the order they were queued. `start`: reset the stream to the source state
+        first; `end`: afterwards, checkpoint the stream and release its memory (Triton's
+        sequence_start / sequence_end)."""
+        batch = Batch(check_stream_id(stream_id), x, request_id or f"req-{next(self._request_ids)}",
+                      time.monotonic(), start, end)
+        return self.jobs.submit(lambda: self._predict(batch), batch.stream_id, batch)
+
+    async def infer(self, stream_id: str | None, x: np.ndarray, request_id: str = "", start: bool = False,
+                    end: bool = False) -> InferResult:
+        return await self.enqueue_infer(stream_id, x, request_id, start, end)
+
+    async def set_policy(self, stream_id: str, policy: str, hyperparameters: dict[str, str]) -> dict:
+        stream_id = check_stream_id(stream_id)
+        return await self.jobs.submit(lambda: self.control.set_policy(stream_id, policy, hyperparameters))
+
+    async def get_stream(self, stream_id: str) -> dict:
+        stream_id = check_stream_id(stream_id)
+        return await self.jobs.submit(lambda: self.control.get(stream_id))
+
+    async def list_streams(self) -> list[dict]:
+        return await self.jobs.submit(self.control.list)
+
+    async def reset_stream(self, stream_id: str) -> dict:
+        stream_id = check_stream_id(stream_id)
+        return await self.jobs.submit(lambda: self.control.reset(stream_id))
+
+    async def delete_stream(self, stream_id: str) -> dict:
+        stream_id = check_stream_id(stream_id)
+        return await self.jobs.submit(lambda: self.control.delete(stream_id))
+
+    async def snapshot(self, stream_id: str, name: str = "") -> tuple[str, dict]:
+        stream_id = check_stream_id(stream_id)
+        return await self.jobs.submit(lambda: self.control.snapshot(stream_id, name))
+
+    async def rollback(self, stream_id: str, name: str = "") -> dict:
+        stream_id = check_stream_id(stream_id)
+        return await self.jobs.submit(lambda: self.control.rollback(stream_id, name))
+
+    async def feedback(self, request_id: str, labels: list[int]) -> dict:
+        if not request_id:
+            raise EngineError("INVALID_ARGUMENT", "request_id is required (the id of the inference response)")
+        return await self.jobs.submit(lambda: self.control.feedback(request_id, list(labels)))
+
+    def describe_policies(self) -> tuple[list[dict], list[str]]:
+        """(every policy with its wire hyperparameters, those this model supports); no stream involved."""
+        return self.policies.describe()
+
+    def check_policy(self, policy: str, hyperparameters: dict[str, str]) -> None:
+        """Raise EngineError unless a stream could run this policy with these hyperparameters."""
+        self.policies.build(policy, hyperparameters)
+
+    @property
+    def totals(self) -> dict:
+        """Cumulative figures for ModelStatistics."""
+        return self.batches.totals
+
+    def stop_accepting(self) -> None:
+        self.jobs.stop_accepting()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every accepted batch has been answered (or `timeout` passes)."""
+        return await self.jobs.wait_idle(timeout)
+
+    async def drain_and_checkpoint(self) -> int:
+        """Finish queued work and owed updates, then (with a state dir) save every stream and stop
+        the worker. Returns the number of streams saved."""
+        return await self.jobs.finish(self.control.checkpoint_all)
+
+    def close(self) -> None:
+        """Stop the worker (without checkpointing) and remove a temporary state dir."""
+        self.jobs.stop()
+        if self._tmp_dir:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ worker thread
+    def _worker(self) -> None:
+        torch.set_grad_enabled(True)
+        while True:
+            self._maybe_checkpoint()
+            try:  # wake up for the next periodic checkpoint even when no request comes
+                job = self.jobs.take(wait=not self.table.any_owed(), timeout=self.checkpoint_interval or None)
+            except queue.Empty:
+                try:
+                    self.table.learn_one_owed()  # nothing waiting: apply an owed update now
+                except Exception:  # noqa: BLE001 - a failing update must not stop the engine
+                    log.exception("adaptation update failed")
+                continue
+            if job is None:
+                return
+            if job.cancelled():
+                continue  # the client gave up (deadline, cancel) before its turn: leave the stream untouched
+            group = self._gather_group(job) if job.batch is not None and self.max_group > 1 else None
+            if group is None:
+                self._run(job)
+                continue
+            answers = self.batches.predict_group([j.batch for j in group])
+            if answers is None:
+                for j in group:
+                    self._run(j)
+                continue
+            for j, (result, error) in zip(group, answers):
+                j.resolve(result, None if error is None else _internal(error))
+
+    def _predict(self, batch: Batch) -> InferResult:
+        if batch.end:  # after this reply (and this batch's update): to disk, out of memory
+            self.jobs.later(lambda: self.table.release(batch.stream_id))
+        return self.batches.predict(batch)
+
+    @staticmethod
+    def _run(job: Job) -> None:
+        try:
+            result, error = job.fn(), None
+        except EngineError as e:
+            result, error = None, e
+        except Exception as e:  # noqa: BLE001 - a bug must fail one request, not the engine
+            log.exception("engine job failed")
+            result, error = None, _internal(e)
+        job.resolve(result, error)
+
+    def _gather_group(self, first: Job) -> list[Job] | None:
+        """`first` and the batches queued right behind it that can share its forward pass (other
+        streams, same key): taken in queue order and only while they match, so no stream's
+        batches or control operations are reordered. None when there is nothing to group."""
+        key = self.batches.group_key(first.batch)
+        if key is None:
+            return None
+        group, streams = [first], {first.batch.stream_id}
+
+        def joins(job: Job) -> bool:
+            return (job.batch is not None and job.batch.stream_id not in streams
+                    and self.batches.group_key(job.batch) == key)
+
+        while len(group) < self.max_group and (job := self.jobs.take_next_if(joins)) is not None:
+            group.append(job)
+            streams.add(job.batch.stream_id)
+        return group if len(group) > 1 else None
+
+    def _maybe_checkpoint(self) -> None:
+        if self.checkpoint_interval and time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
+            try:
+                self.table.checkpoint(changed_only=True, reason="periodic")
+            except Exception:  # noqa: BLE001 - a full disk must not stop serving; it is counted and logged
+                log.exception("periodic checkpoint failed")
+                self.metrics.checkpoint_failures.labels(self.model.name).inc()
+            self._last_checkpoint = time.monotonic()
+
+
+def _internal(error: Exception) -> EngineError:
+    return error if isinstance(error, EngineError) else EngineError("INTERNAL", f"{type(error).__name__}: {error}")

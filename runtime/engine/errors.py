@@ -1,0 +1,40 @@
+"""What the engine refuses and how it says so: EngineError (a gRPC status code name and a
+message for the client) and the checks of the names a request gives (stream id, snapshot name)."""
+from __future__ import annotations
+
+from runtime.checkpoints import MAX_FILE_NAME, SNAPSHOT_NAME, file_name
+from runtime.protocol import DEFAULT_STREAM
+
+MAX_STREAM_ID = 128
+
+
+class EngineError(Exception):
+    """An error with the gRPC status code it should be answered with."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code  # a grpc.StatusCode name
+        self.message = message
+
+
+def check_stream_id(stream_id: str | None) -> str:
+    """The stream id a request names (DEFAULT_STREAM when none), or INVALID_ARGUMENT."""
+    stream_id = stream_id or DEFAULT_STREAM
+    if len(stream_id) > MAX_STREAM_ID or not stream_id.isprintable():
+        raise EngineError("INVALID_ARGUMENT", f"stream id must be printable text of at most {MAX_STREAM_ID} "
+                                              f"characters, got {stream_id[:40]!r}...")
+    # a stream id names files in the state dir: its percent-encoding (up to 9 bytes a character)
+    # must fit in one file name, so no request reaches the file system with a name it cannot hold
+    if len(file_name(stream_id)) > MAX_FILE_NAME:
+        raise EngineError("INVALID_ARGUMENT", f"stream id {stream_id[:40]!r}... is too long once encoded as a "
+                                              f"file name; use a shorter id (ASCII letters, digits, '-', '_', '.')")
+    return stream_id
+
+
+def check_snapshot_name(name: str) -> str:
+    """Empty (the engine picks a name) or SNAPSHOT_NAME over the whole string: a snapshot name
+    becomes a file name, so nothing else (no separator, no trailing newline) gets through."""
+    if name and not SNAPSHOT_NAME.fullmatch(name):
+        raise EngineError("INVALID_ARGUMENT", f"snapshot name {name[:80]!r}: use letters, digits, '.', '_', '-' "
+                                              f"(at most 64, starting with a letter or digit)")
+    return name

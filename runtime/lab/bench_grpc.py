@@ -1,0 +1,169 @@
+"""The gRPC sections of `tta bench`, against a real `tta serve` subprocess on loopback driven by
+the stock tritonclient (runtime.lab.bench starts the server, demo model, default policy `source`):
+
+- frozen: throughput of `source` streams over gRPC (unary ModelInfer, streaming ModelStreamInfer)
+  over the in-process forward of the same model on the same batches, at batch 1 and 64;
+- latency: reply latency (p50, p99) per policy over the `source` policy's, requests sent one
+  after another on one stream per policy, the policies taken in turn so all see the same load.
+
+tritonclient and our own `inference` stubs cannot share a process (both register `inference.*`
+in protobuf's default pool), hence the subprocess; the tta.v1 control stubs (SetPolicy,
+GetStream) can, so streams get their policy the way an operator would set it.
+"""
+from __future__ import annotations
+
+import queue
+import statistics
+import time
+
+import numpy as np
+import torch
+
+import adapters
+from runtime.lab.datasets import load_demo_slice
+from runtime.lab.timing import median_ms, paired_times, percentile
+
+
+class Endpoint:
+    """A tritonclient connection to the server's (single) model, plus its tta.v1 control stub."""
+
+    def __init__(self, target: str):
+        import grpc
+        import tritonclient.grpc as tc
+
+        from runtime import protos
+
+        self.tc = tc
+        self.client = tc.InferenceServerClient(target)
+        index = self.client.get_model_repository_index()
+        meta = self.client.get_model_metadata(index.models[0].name if index.models else "demo")
+        self.model, self.in_name, self.out_name = meta.name, meta.inputs[0].name, meta.outputs[0].name
+        self.pb = protos.load("tta.v1.adaptation_pb2")
+        self.control = protos.load("tta.v1.adaptation_pb2_grpc").AdaptationServiceStub(grpc.insecure_channel(target))
+        self._replies: queue.Queue | None = None
+
+    def _inputs(self, x: np.ndarray):
+        inp = self.tc.InferInput(self.in_name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return [inp]
+
+    def infer(self, x: np.ndarray, stream_id: str):
+        """Unary ModelInfer: (logits, the stream's adaptation step in the reply, the collapse
+        guard's verdict on the batch or '')."""
+        r = self.client.infer(self.model, self._inputs(x), outputs=[self.tc.InferRequestedOutput(self.out_name)],
+                              parameters={"stream_id": stream_id})
+        params = r.get_response().parameters
+        guard = params["tta_guard"].string_param if "tta_guard" in params else ""
+        return r.as_numpy(self.out_name), params["tta_step"].int64_param, guard
+
+    def stream_infer(self, x: np.ndarray, stream_id: str) -> np.ndarray:
+        """One request on the (lazily opened) bidirectional ModelStreamInfer stream, and its reply."""
+        if self._replies is None:
+            self._replies = queue.Queue()
+            self.client.start_stream(callback=lambda result, error: self._replies.put((result, error)))
+        self.client.async_stream_infer(self.model, self._inputs(x), parameters={"stream_id": stream_id},
+                                       outputs=[self.tc.InferRequestedOutput(self.out_name)])
+        result, error = self._replies.get(timeout=300)
+        if error is not None:
+            raise RuntimeError(str(error))
+        return result.as_numpy(self.out_name)
+
+    def set_policy(self, stream_id: str, policy: str) -> None:
+        self.control.SetPolicy(self.pb.SetPolicyRequest(model=self.model, stream_id=stream_id, policy=policy),
+                               timeout=60)
+
+    def stream_info(self, stream_id: str):
+        return self.control.GetStream(self.pb.StreamRequest(model=self.model, stream_id=stream_id), timeout=60)
+
+    def close(self) -> None:
+        if self._replies is not None:
+            self.client.stop_stream()
+        self.client.close()
+
+
+def _demo_batches(n: int, batch: int, seed: int = 0) -> list[np.ndarray]:
+    """n i.i.d. batches of the shipped demo images (real data: random pixels are what the collapse
+    guard rightly refuses to learn from, so they would time something no real stream does)."""
+    x, _ = load_demo_slice()
+    rng = np.random.default_rng(seed)
+    return [x[rng.choice(len(x), batch, replace=False)] for _ in range(n)]
+
+
+def _pixels(n: int, batch: int, size: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.random((batch, 3, *size), dtype=np.float32) for _ in range(n)]
+
+
+def bench_frozen(target: str, model, device, batch_sizes=(1, 64), batches: int = 20) -> list[dict]:
+    """images/s of gRPC unary and streaming `source` over the in-process forward, the three paths
+    called in turn on each batch (the ratio is the result). Batch 1 gets 5× the batches."""
+    ep = Endpoint(target)
+    frozen = adapters.create("source", model)  # what the server runs for a `source` stream of this model
+
+    def in_process(x):
+        return frozen.predict(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
+    rows = []
+    try:
+        for bs in batch_sizes:
+            xs = _pixels((batches * 5 if bs < 16 else batches) + 2, bs, (32, 32), seed=bs)
+            paths = {"in-process forward": in_process,
+                     "gRPC ModelInfer": lambda x: ep.infer(x, "bench-frozen-unary")[0],
+                     "gRPC ModelStreamInfer": lambda x: ep.stream_infer(x, "bench-frozen-stream")}
+            times = paired_times(list(paths.values()), xs, device)
+            # same model, same answer: the gRPC logits must be the in-process ones
+            diff = max(float(np.abs(fn(xs[0]) - in_process(xs[0])).max()) for fn in list(paths.values())[1:])
+            base = statistics.median(times[0])
+            for label, t in zip(paths, times):
+                med = statistics.median(t)
+                rows.append({"path": label, "batch": bs, "ms_per_batch": median_ms(t), "images_per_s": bs / med,
+                             "ratio": base / med, "max_abs_diff_vs_in_process": diff})
+    finally:
+        ep.close()
+    return rows
+
+
+def bench_latency(target: str, policies: list[str], batch: int = 64, requests: int = 20, warmup: int = 2) -> list[dict]:
+    """Reply latency per policy, sequential requests on one stream per policy. After each reply of
+    a policy with a deferred update, the client waits until GetStream shows the update applied,
+    so the next request measures a reply that had no update left to wait for; the figure
+    `update_done_ms` (reply to update applied) shows where the learning step went. The `source`
+    policy is the baseline and is always measured."""
+    ep = Endpoint(target)
+    policies = ["source"] + [p for p in policies if p != "source"]
+    xs = _demo_batches(requests + warmup, batch, seed=1)
+    latency = {p: [] for p in policies}
+    update = {p: [] for p in policies}
+    verdicts = {p: 0 for p in policies}
+    try:
+        for p in policies:
+            ep.set_policy(f"bench-latency-{p}", p)
+        for i, x in enumerate(xs):
+            for p in policies:  # in turn, so every policy sees the same machine load
+                sid, cls = f"bench-latency-{p}", adapters.REGISTRY[p]
+                start = time.perf_counter()
+                _, step, verdict = ep.infer(x, sid)
+                replied = time.perf_counter()
+                verdicts[p] += bool(verdict)
+                if cls.adapts and cls.deferred_update and not verdict:  # a guard verdict drops the update
+                    while ep.stream_info(sid).step <= step:
+                        if time.perf_counter() - replied > 300:
+                            raise RuntimeError(f"stream {sid}: the update of step {step} was not applied in 300 s")
+                        time.sleep(0.002)
+                    if i >= warmup:
+                        update[p].append(time.perf_counter() - replied)
+                if i >= warmup:
+                    latency[p].append(replied - start)
+        state = {p: ep.stream_info(f"bench-latency-{p}").state_bytes for p in policies}
+    finally:
+        ep.close()
+    base50, base99 = percentile(latency["source"], 50), percentile(latency["source"], 99)
+    rows = []
+    for p in policies:
+        p50, p99 = percentile(latency[p], 50), percentile(latency[p], 99)
+        rows.append({"policy": p, "batch": batch, "requests": len(latency[p]), "p50_ms": p50 * 1e3,
+                     "p99_ms": p99 * 1e3, "p50_ratio": p50 / base50, "p99_ratio": p99 / base99,
+                     "update_done_ms": statistics.median(update[p]) * 1e3 if update[p] else None,
+                     "server_state_bytes": int(state[p]), "guard_verdicts": verdicts[p]})
+    return rows
+

@@ -1,0 +1,40 @@
+"""Names both ends of the wire share: tensor names, how a stream is named, token variables,
+the ready line and the version. Clients (tta ctl, tta demo, tta bench, tests) import this
+module, never the server."""
+from __future__ import annotations
+
+import re
+from importlib import metadata
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+STREAM_HEADER = "x-tta-stream-id"    # gRPC metadata naming the stream of a request
+STREAM_PARAMETER = "stream_id"       # ... or this request parameter
+DEFAULT_STREAM = "default"           # the stream of a request that names none
+
+CONTROL_TOKEN_ENV = "TTA_CONTROL_TOKEN"
+INFERENCE_TOKEN_ENV = "TTA_INFERENCE_TOKEN"
+
+# `tta serve` prints one line when it is ready; ports may have been chosen by the OS
+READY_LINE = re.compile(r"ready on (\S+):(\d+) metrics (-?\d+)")
+
+
+def ready_line(model: str, host: str, port: int, metrics_port: int, note: str) -> str:
+    """The line READY_LINE matches (host already bracketed for IPv6)."""
+    return f"tta serve: model {model!r} ready on {host}:{port} metrics {metrics_port} ({note})"
+
+
+def bearer_headers(token: str | None) -> dict[str, str] | None:
+    """The authorization header for a bearer token, as tritonclient's headers= takes it; None
+    without a token. Inference clients: bearer_headers(os.environ.get(INFERENCE_TOKEN_ENV))."""
+    return {"authorization": f"Bearer {token}"} if token else None
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tta-runtime")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
+
+
+VERSION = _version()

@@ -1,0 +1,75 @@
+"""Errors to gRPC statuses, in one place: every failure a handler meets (the engine's, a bad
+input's) becomes a status code and a message, and is counted in the serving metrics together
+with the request itself and, for inference, its duration and ModelStatistics outcome."""
+from __future__ import annotations
+
+import functools
+import time
+
+import grpc
+
+from runtime.engine.errors import EngineError
+from runtime.metrics import Metrics
+from runtime.preprocess import InputError
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, EngineError):
+        return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL), error.message
+    if isinstance(error, InputError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    raise error  # not ours to translate: a bug, left to grpc (UNKNOWN) and the log
+
+
+class Outcomes:
+    """Counts and total nanoseconds of inference requests that succeeded or failed (ModelStatistics)."""
+
+    def __init__(self):
+        self.success, self.fail = [0, 0], [0, 0]
+
+    def add(self, ok: bool, started: float) -> None:
+        entry = self.success if ok else self.fail
+        entry[0] += 1
+        entry[1] += int((time.monotonic() - started) * 1e9)
+
+
+class Request:
+    """One request's account: counted on arrival, then ok() or failed(error) -> (status, message).
+    `outcomes` (inference requests only) also times it into ModelStatistics and the duration histogram."""
+
+    def __init__(self, metrics: Metrics, method: str, outcomes: Outcomes | None = None):
+        self.metrics, self.method, self.outcomes = metrics, method, outcomes
+        self.started = time.monotonic()
+        metrics.request(method)
+
+    def ok(self) -> None:
+        self._done(True)
+
+    def failed(self, error: Exception) -> tuple[grpc.StatusCode, str]:
+        code, message = status_of(error)
+        self.metrics.failure(self.method, code.name)
+        self._done(False)
+        return code, message
+
+    def _done(self, ok: bool) -> None:
+        if self.outcomes is not None:
+            self.outcomes.add(ok, self.started)
+            self.metrics.request_duration.labels(self.metrics.model, self.method).observe(
+                time.monotonic() - self.started)
+
+
+def unary(method: str, inference: bool = False):
+    """Decorator of a unary handler `async def Rpc(self, request, context)` of a servicer with
+    `.metrics` (and `.outcomes` for inference): errors become statuses, everything is counted."""
+    def decorate(handler):
+        @functools.wraps(handler)
+        async def wrapper(self, request, context):
+            account = Request(self.metrics, method, self.outcomes if inference else None)
+            try:
+                response = await handler(self, request, context)
+            except (EngineError, InputError) as e:
+                await context.abort(*account.failed(e))
+            account.ok()
+            return response
+        return wrapper
+    return decorate

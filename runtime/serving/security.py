@@ -1,0 +1,93 @@
+"""Who may call what: bearer tokens (control and inference) checked by an interceptor, and the
+TLS credentials of the listening port."""
+from __future__ import annotations
+
+import hmac
+import os
+
+import grpc
+
+from runtime.protocol import CONTROL_TOKEN_ENV, INFERENCE_TOKEN_ENV
+
+CONTROL_SERVICE = "/tta.v1.AdaptationService/"
+READ_ONLY_CONTROL = {"ListPolicies", "GetStream", "ListStreams"}
+INFERENCE_SERVICE = "/inference.GRPCInferenceService/"
+OPEN_INFERENCE = {"ServerLive", "ServerReady"}  # probes; everything else needs the inference token when set
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Bearer tokens, compared in constant time. The control token guards the control RPCs that
+    change state; the inference token guards the inference service except ServerLive/ServerReady
+    (liveness and readiness reveal nothing and probes cannot send tokens). grpc.health.v1 and
+    reflection stay open."""
+
+    def __init__(self, control_token: str | None, inference_token: str | None):
+        self.control = control_token.encode() if control_token else None
+        self.inference = inference_token.encode() if inference_token else None
+
+    def _required(self, method: str) -> tuple[bytes, str, str] | None:
+        """(token, which token, how a client sends it) that this method needs, or None."""
+        if self.control and method.startswith(CONTROL_SERVICE) and \
+                method[len(CONTROL_SERVICE):] not in READ_ONLY_CONTROL:
+            return self.control, "control", f"tta ctl: --token or ${CONTROL_TOKEN_ENV}"
+        if self.inference and method.startswith(INFERENCE_SERVICE) and \
+                method[len(INFERENCE_SERVICE):] not in OPEN_INFERENCE:
+            return self.inference, "inference", "tritonclient: headers={'authorization': 'Bearer <token>'}"
+        return None
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        required = self._required(details.method)
+        if required is None or handler is None:
+            return handler
+        expected, which, how = required
+        given = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), None)
+        scheme, _, token = str(given or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
+                           f"{'missing' if given is None else 'malformed'} authorization: this RPC needs metadata "
+                           f"'authorization: Bearer <{which} token>' ({how})")
+        if not hmac.compare_digest(token.strip().encode(), expected):
+            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, f"wrong {which} token")
+        return handler
+
+
+def _denied(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same kind (unary or streaming) as `handler` that only fails."""
+    async def deny(request, context):
+        await context.abort(code, message)
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[handler.request_streaming, handler.response_streaming](
+        deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+def tls_credentials(cert: str | None, key: str | None, client_ca: str | None):
+    """Server credentials from a PEM certificate and key (and a client CA for mutual TLS), or None."""
+    if not (cert or key or client_ca):
+        return None
+    if not (cert and key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    ca = _read(client_ca) if client_ca else None
+    return grpc.ssl_server_credentials([(_read(key), _read(cert))], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_token(path: str | None, env: str) -> str | None:
+    """A bearer token from a file (stripped), else from the environment variable."""
+    if path:
+        with open(path) as f:
+            return f.read().strip() or None
+    return os.environ.get(env, "").strip() or None
+
+
+def interceptors(control_token_file: str | None, inference_token_file: str | None) -> tuple[list, bool, bool]:
+    """The server's interceptors for the configured tokens, and whether each token is set."""
+    control = read_token(control_token_file, CONTROL_TOKEN_ENV)
+    inference = read_token(inference_token_file, INFERENCE_TOKEN_ENV)
+    return ([BearerAuth(control, inference)] if control or inference else []), bool(control), bool(inference)
