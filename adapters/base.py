@@ -19,6 +19,15 @@ from torch import nn
 from .common import norm_layer_source_stats
 
 
+def _shown(value: Any, limit: int = 64) -> str:
+    """A caller's value for an error message: its repr, cut after `limit` characters (the rule of
+    runtime.engine.errors.shown; adapters/ imports nothing of runtime), so a message stays short."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}…({len(value)} chars)"
+    text = repr(value)
+    return text if len(text) <= 4 * limit else f"{text[:limit]}…({len(text)} chars)"
+
+
 @dataclass(frozen=True)
 class Hyperparameter:
     """One hyperparameter: its default, how to validate it, and what it means."""
@@ -35,10 +44,10 @@ class Hyperparameter:
         try:
             value = _convert(self.kind, value)
         except (TypeError, ValueError):
-            raise ValueError(f"hyperparameter {self.name!r}: cannot read {value!r} as {self.kind.__name__}; "
+            raise ValueError(f"hyperparameter {self.name!r}: cannot read {_shown(value)} as {self.kind.__name__}; "
                              f"valid range: {self.range}") from None
         if not self.valid(value):
-            raise ValueError(f"hyperparameter {self.name!r}={value!r} is out of range; valid range: {self.range}")
+            raise ValueError(f"hyperparameter {self.name!r}={_shown(value)} is out of range; valid range: {self.range}")
         return value
 
     def describe(self) -> dict:
@@ -126,7 +135,7 @@ class Adapter:
         spec = {h.name: h for h in cls.spec()}
         unknown = sorted(set(given) - set(spec))
         if unknown:
-            raise ValueError(f"adapter {cls.name!r} has no hyperparameter {unknown[0]!r}; "
+            raise ValueError(f"adapter {cls.name!r} has no hyperparameter {_shown(unknown[0])}; "
                              f"valid: {', '.join(spec) or 'none'}")
         values = {name: h.default for name, h in spec.items()}
         for name, value in given.items():
@@ -147,6 +156,7 @@ class Adapter:
         self.generator = self._make_generator()
         self.steps = 0  # number of learn() updates applied
         self._pending = False
+        self._pending_bytes = 0  # what the owed update holds (set by subclasses that keep a graph)
         self._observers: list[Callable] = []
         self._observing = False
 
@@ -195,6 +205,15 @@ class Adapter:
         """True when an update (learn()) is owed for the last predicted batch."""
         return self._pending
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes the owed update holds in memory beyond the adapter's state until learn() or
+        discard(): the tensors the autograd graph of the last predicted batch saved for backward
+        (activations), plus those a deferred loss keeps, measured when the batch was predicted
+        (each storage once; weights excluded, they are state_bytes()). 0 when no update is owed,
+        and always 0 for adapters that keep no graph (the normalisation adapters)."""
+        return self._pending_bytes if self._pending else 0
+
     def _count_prediction(self) -> None:
         """Book a prediction that has been made (by predict() or batched.predict_together): its
         update is owed (deferred_update), or, when the forward pass was the update, it counts as
@@ -208,14 +227,14 @@ class Adapter:
         """Apply the update for the last predicted batch; returns figures such as the loss."""
         if not self._pending:
             return {}
-        self._pending = False
+        self._pending, self._pending_bytes = False, 0
         figures = self._learn() or {}
         self.steps += 1
         return figures
 
     def discard(self) -> None:
         """Forget the pending update of the last predicted batch (prediction-only request)."""
-        self._pending = False
+        self._pending, self._pending_bytes = False, 0
         self._discard()
 
     def reset(self) -> None:

@@ -6,6 +6,8 @@ come from the BN-only adapters' modules (bn_alpha.py, unmix_tns.py), which never
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -67,14 +69,27 @@ class GradientAdapter(Adapter):
     def _finish_init(self, networks: dict[str, nn.Module]) -> None:
         """Record the networks whose state is per-stream, and the initial state for reset()."""
         self.networks = networks
+        self._weights_at: set[int] | None = None  # storages of all weights, found at the first prediction
         self._initial = self._state()
         self._remember_generator()
 
     def _predict(self, x):
-        with torch.enable_grad():
+        saved = _SavedTensors()
+        with saved, torch.enable_grad():
             prediction, loss = self._forward_loss(x)
         self._loss = loss
+        self._pending_bytes = saved.bytes_held(loss, exclude=self._weight_storages())
         return prediction
+
+    def _weight_storages(self) -> set[int]:
+        """Storages of the weights and buffers (the source's and the stream's own, counted in
+        state_bytes), which the graph saves but does not hold beyond the stream's state. Found
+        once: loading a state, resetting and every update write into the same tensors."""
+        if self._weights_at is None:
+            modules = [self.source, *self.networks.values()]
+            self._weights_at = {t.untyped_storage().data_ptr() for m in modules
+                                for t in (*m.parameters(), *m.buffers())}
+        return self._weights_at
 
     def _learn(self):
         loss, self._loss = self._loss, None
@@ -132,6 +147,60 @@ class GradientAdapter(Adapter):
         moments = sum(2 * p.numel() * p.element_size()
                       for group in self.optimizer.param_groups for p in group["params"])
         return own + moments
+
+
+class _SavedTensors:
+    """Observes, without changing, what autograd saves for backward inside the `with` block:
+    a saved tensor goes into the graph as a detached alias (same storage, same version
+    counter; returning the tensor itself would make a reference cycle through its grad_fn
+    that outlives a discarded graph), and a weak reference to that alias tells afterwards
+    whether the graph still holds it (a graph already backpropagated, as in tent's extra
+    steps, has let go of its tensors)."""
+
+    def __init__(self):
+        self._saved: list[weakref.ref] = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        alias = tensor.detach()
+        self._saved.append(weakref.ref(alias))
+        return alias
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._hooks.__exit__(*exc)
+
+    def bytes_held(self, loss, exclude: set[int]) -> int:
+        """Bytes of the storages the graph still holds, plus those of the tensors a deferred
+        loss (a closure) keeps for learn(); each storage counted once, `exclude` left out."""
+        tensors = [t for t in (ref() for ref in self._saved) if t is not None]
+        if callable(loss):
+            cells = getattr(loss, "__closure__", None) or ()
+            tensors += [v for v in map(_cell_value, cells) if isinstance(v, torch.Tensor)]
+        elif isinstance(loss, torch.Tensor):
+            tensors.append(loss)
+        storages: dict[int, int] = {}
+        for t in tensors:
+            try:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            except (RuntimeError, NotImplementedError):  # a tensor without a plain storage
+                storages[id(t)] = t.numel() * t.element_size()
+        return sum(n for ptr, n in storages.items() if ptr not in exclude)
+
+
+def _unpack(alias: torch.Tensor) -> torch.Tensor:
+    return alias
+
+
+def _cell_value(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell (a variable not yet assigned)
+        return None
 
 
 def _clone(obj):

@@ -2,47 +2,127 @@
 
 Layout under the state directory:
     streams/<quoted stream id>.pt                    the stream's latest checkpoint
-    streams/<quoted stream id>.pt.prev               the one before it (fallback if the latest is damaged)
+    streams/<quoted stream id>.pt.prev               the one before it (fallback if the latest is refused)
     snapshots/<quoted stream id>/<name>.pt           named snapshots
-Each payload is one torch.save'd dict: {"stream_id", "policy", "hyperparameters", "adapter"
-(the adapter's state_dict, generator state included; None for a frozen stream), "step",
-"counters"}. A file is MAGIC + SHA-256 of the payload + payload, so a damaged file is detected
-on read instead of being loaded. Writes are atomic: temporary file, fsync, rename, fsync of the
-directory; the previous checkpoint is kept as a hard link first. A crash at any moment (kill -9,
-power loss) therefore leaves the stream's last completed checkpoint readable.
+
+A record is a dict: {"stream_id", "policy", "hyperparameters", "adapter" (the adapter's
+state_dict, generator state included; None for a frozen stream), "step", "counters"}.
+
+A state file holds data, never code (no pickle; nothing here calls pickle or torch.load):
+
+    MAGIC | mode (1 byte) | key id (8 bytes) | digest (32 bytes) | body
+    body   = one safetensors blob (https://github.com/huggingface/safetensors): the record's
+             tensors under generated keys "t0", "t1", ... and a str->str metadata dict with
+             "format" (FORMAT), "stream_id", "model" (the model's weights fingerprint) and
+             "record": the rest of the record as a JSON skeleton in which each tensor is
+             {"tensor": "t<i>"} and types JSON lacks are tagged, so they come back exactly:
+             {"float": "nan" | "inf" | "-inf"}, {"tuple": [...]}, {"list": [...]},
+             {"dict": [[key, value], ...]} and {"odict": [...], "meta": ...} (an OrderedDict and
+             its `_metadata`, as nn.Module.state_dict returns them); keys are str or int.
+    mode   = b"K": digest = HMAC-SHA256 under the server's state key (--state-key-file or
+             $TTA_STATE_KEY), key id = the first 8 bytes of HMAC(key, KEY_ID_LABEL) (which key
+             signed it, to say so in the log; it reveals nothing of the key)
+             b"S": digest = SHA-256, key id = zeros: integrity against damage only, so without
+             a key the state directory itself must be trusted (docs/OPERATIONS.md)
+    The digest covers MAGIC, mode, key id and body; the body names the stream and the model.
+
+A file is refused (CorruptCheckpoint, with `reason` for tta_state_files_rejected_total) when it
+does not verify (`checksum`: damaged; `signature`: altered, signed with another key, signed
+while this server has no key or unsigned while it has one), is malformed (`format`: anything
+but the types above, or beyond the size and depth bounds), belongs to another stream
+(`other_stream`) or another model (`other_model`), or is in the old pickle format (`legacy`,
+MAGIC "TTA-CKPT-1": never unpickled). Writes are atomic: temporary file, fsync, rename, fsync of
+the directory; the previous checkpoint is kept as a hard link first. A crash at any moment
+(kill -9, power loss) therefore leaves the stream's last completed checkpoint readable.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
-import io
+import hmac
+import json
 import logging
+import math
 import os
 import re
 import shutil
+import struct
 import time
 from pathlib import Path
+from typing import Callable
 from urllib.parse import quote, unquote
 
+import numpy as np
+import safetensors.torch
 import torch
 
 log = logging.getLogger("tta.checkpoints")
 
 SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-MAGIC = b"TTA-CKPT-1\n"
+MAGIC = b"TTA-CKPT-2\n"
+LEGACY_MAGIC = b"TTA-CKPT-1\n"  # MAGIC + SHA-256 + a torch pickle: refused, never loaded
+KEYED, PLAIN = b"K", b"S"
+KEY_ID_BYTES = 8
 DIGEST_BYTES = 32
+HEADER_BYTES = len(MAGIC) + 1 + KEY_ID_BYTES + DIGEST_BYTES
+KEY_ID_LABEL = b"tta-runtime state key id"
+FORMAT = "tta-state-2"
+STATE_KEY_ENV = "TTA_STATE_KEY"  # server-side only: the state key when --state-key-file is not given
+MIN_KEY_BYTES = 16
 TMP_SUFFIX = ".tmp"
 MAX_FILE_NAME = 240  # bytes; file systems allow 255 for a name, the rest is for suffixes
 PREV_SUFFIX = ".prev"
+# bounds of what a file may describe (far above any adapter's state)
+MAX_DEPTH = 64
+MAX_SKELETON_BYTES = 16 << 20
+MAX_NODES = 1 << 20
+REASONS = ("checksum", "signature", "format", "other_stream", "other_model", "legacy")
+# dtypes a record's tensors may have (safetensors stores them all); anything else is refused on write
+DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                    torch.int16, torch.int8, torch.uint8, torch.bool))
 
 
 class CorruptCheckpoint(Exception):
-    """A state file whose checksum does not match its contents (or that is cut short)."""
+    """A state file that is refused: damaged, not verified under this server's key, of another
+    stream or model, of the old format, or malformed. str(e) names the file only relative to the
+    state dir (it reaches clients in DATA_LOSS details); `path` is the full path, for the server
+    log; `reason` labels tta_state_files_rejected_total (one of REASONS)."""
+
+    def __init__(self, name: str, why: str, reason: str, path: Path | None = None):
+        super().__init__(f"{name}: {why}")
+        self.name, self.why, self.reason, self.path = name, why, reason, path
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, why: str):
+        super().__init__(why)
+        self.reason, self.why = reason, why
 
 
 def file_name(stream_id: str) -> str:
     name = quote(stream_id, safe="") or "%00"
     # a leading dot would hide the file (and '.'/'..' name directories): encode it like any other byte
     return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def key_id(key: bytes) -> bytes:
+    return hmac.new(key, KEY_ID_LABEL, hashlib.sha256).digest()[:KEY_ID_BYTES]
+
+
+def load_key(path: str | None, env: str = STATE_KEY_ENV) -> bytes | None:
+    """The state key: the file's content (stripped), else the environment variable, else None.
+    ValueError (with what to do) when it is empty or shorter than MIN_KEY_BYTES."""
+    if path:
+        with open(path, "rb") as f:
+            key, where = f.read().strip(), f"--state-key-file {path}"
+    elif env in os.environ:
+        key, where = os.environ[env].strip().encode(), f"${env}"
+    else:
+        return None
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"the state key from {where} is {'empty' if not key else f'{len(key)} bytes'}; it needs "
+                         f"at least {MIN_KEY_BYTES} (e.g. python -c 'import secrets; print(secrets.token_hex(32))')")
+    return key
 
 
 def _fsync_dir(path: Path) -> None:
@@ -53,28 +133,237 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def encode(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    payload = buffer.getvalue()
-    return MAGIC + hashlib.sha256(payload).digest() + payload
+# --- the record as tensors + a JSON skeleton -------------------------------------------------
+def _pack(value, tensors: dict[str, torch.Tensor], shared: set[int], depth: int = 0):
+    if depth > MAX_DEPTH:
+        raise TypeError(f"a state record nested deeper than {MAX_DEPTH} levels cannot be saved")
+    if isinstance(value, (np.bool_, np.integer, np.floating)):  # numpy scalars become Python numbers
+        value = value.item()
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        value = float(value)
+        return value if math.isfinite(value) else {"float": repr(value)}  # 'nan', 'inf', '-inf'
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.dtype not in DTYPES or value.is_quantized:
+            raise TypeError(f"a {value.layout} {value.dtype} tensor cannot be saved in a state file")
+        cpu = value.detach().cpu()
+        storage = cpu.untyped_storage()
+        # safetensors refuses views and tensors that share memory: those are copied (a state dict's
+        # tensors own their storage, so usually nothing is)
+        if (not cpu.is_contiguous() or cpu.storage_offset() or not cpu.numel()
+                or storage.nbytes() != cpu.numel() * cpu.element_size() or storage.data_ptr() in shared):
+            cpu = cpu.clone(memory_format=torch.contiguous_format)
+        shared.add(cpu.untyped_storage().data_ptr())
+        key = f"t{len(tensors)}"
+        tensors[key] = cpu
+        return {"tensor": key}
+    if type(value) in (list, tuple):
+        return {type(value).__name__: [_pack(v, tensors, shared, depth + 1) for v in value]}
+    if type(value) in (dict, collections.OrderedDict):
+        items = []
+        for k, v in value.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"a state record's dict key {k!r} ({type(k).__name__}) cannot be saved: str or int")
+            items.append([k, _pack(v, tensors, shared, depth + 1)])
+        if type(value) is dict:
+            return {"dict": items}
+        node = {"odict": items}
+        if hasattr(value, "_metadata"):  # nn.Module.state_dict's module versions
+            node["meta"] = _pack(value._metadata, tensors, shared, depth + 1)
+        return node
+    raise TypeError(f"a {type(value).__name__} cannot be saved in a state file")
 
 
-def decode(data: bytes, origin: str = "state file"):
+class _Unpacker:
+    """The strict inverse of _pack: only the nodes _pack writes, each tensor used exactly once."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors, self.used, self.nodes = tensors, set(), 0
+
+    def __call__(self, node, depth: int = 0):
+        self.nodes += 1
+        if depth > MAX_DEPTH or self.nodes > MAX_NODES:
+            raise _Refused("format", f"the record is nested deeper than {MAX_DEPTH} or has over {MAX_NODES} values")
+        if node is None or type(node) in (bool, str, int):
+            return node
+        if type(node) is float:
+            if not math.isfinite(node):
+                raise _Refused("format", "a bare non-finite number in the record")
+            return node
+        if type(node) is not dict or not node:
+            raise _Refused("format", f"unexpected {type(node).__name__} in the record")
+        tag = "odict" if set(node) == {"odict", "meta"} else next(iter(node))
+        if len(node) != 1 and tag != "odict":
+            raise _Refused("format", f"unexpected node with keys {sorted(node)[:4]} in the record")
+        body = node[tag]
+        if tag == "float":
+            if body not in ("nan", "inf", "-inf"):
+                raise _Refused("format", f"unexpected float {str(body)[:20]!r} in the record")
+            return float(body)
+        if tag == "tensor":
+            if type(body) is not str or body not in self.tensors or body in self.used:
+                raise _Refused("format", f"tensor reference {str(body)[:20]!r} is missing or used twice")
+            self.used.add(body)
+            return self.tensors[body]
+        if tag in ("list", "tuple"):
+            if type(body) is not list:
+                raise _Refused("format", f"a {tag} that is not a JSON array")
+            items = [self(v, depth + 1) for v in body]
+            return items if tag == "list" else tuple(items)
+        if tag in ("dict", "odict"):
+            if type(body) is not list:
+                raise _Refused("format", f"a {tag} that is not a JSON array of pairs")
+            out = {} if tag == "dict" else collections.OrderedDict()
+            for pair in body:
+                if type(pair) is not list or len(pair) != 2 or type(pair[0]) not in (str, int) or pair[0] in out:
+                    raise _Refused("format", "a dict entry that is not a [str or int key, value] pair, or a "
+                                             "duplicate key")
+                out[pair[0]] = self(pair[1], depth + 1)
+            if "meta" in node:
+                out._metadata = self(node["meta"], depth + 1)
+            return out
+        raise _Refused("format", f"unexpected node {tag[:20]!r} in the record")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _strict_object(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k[:20]!r}")
+        out[k] = v
+    return out
+
+
+def _json(text: str | bytes):
+    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_strict_object)
+
+
+def _body(record: dict, stream_id: str, fingerprint: str) -> bytes:
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_pack(record, tensors, set()), allow_nan=False, separators=(",", ":"))
+    if len(skeleton) > MAX_SKELETON_BYTES:
+        raise ValueError(f"a state record's skeleton of {len(skeleton)} bytes exceeds {MAX_SKELETON_BYTES}")
+    metadata = {"format": FORMAT, "stream_id": stream_id, "model": fingerprint, "record": skeleton}
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def _read_body(body: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The safetensors blob's metadata (parsed here, strictly) and tensors (by safetensors)."""
+    if len(body) < 8:
+        raise _Refused("format", "no safetensors header")
+    (size,) = struct.unpack("<Q", body[:8])
+    if size > min(len(body) - 8, MAX_SKELETON_BYTES + (1 << 20)):
+        raise _Refused("format", f"a safetensors header of {size} bytes")
+    try:
+        header = _json(body[8:8 + size])
+    except (ValueError, RecursionError) as e:
+        raise _Refused("format", f"the safetensors header is not valid JSON ({type(e).__name__})") from None
+    metadata = header.get("__metadata__") if type(header) is dict else None
+    if (type(metadata) is not dict or set(metadata) != {"format", "stream_id", "model", "record"}
+            or not all(type(v) is str for v in metadata.values())):
+        raise _Refused("format", "the safetensors metadata is not a tta-runtime record")
+    try:
+        tensors = safetensors.torch.load(body)
+    except Exception as e:  # noqa: BLE001 - SafetensorError and whatever a malformed blob raises
+        raise _Refused("format", f"the tensors cannot be read ({type(e).__name__})") from None
+    return metadata, tensors
+
+
+def _digest(mode: bytes, kid: bytes, body: bytes, key: bytes | None) -> bytes:
+    h = hmac.new(key, digestmod=hashlib.sha256) if mode == KEYED else hashlib.sha256()
+    for part in (MAGIC, mode, kid, body):
+        h.update(part)
+    return h.digest()
+
+
+def encode(record: dict, stream_id: str, key: bytes | None = None, fingerprint: str = "") -> bytes:
+    """A state file's bytes: the record bound to its stream and model, signed with `key` (an
+    HMAC) or, without one, checksummed."""
+    body = _body(record, stream_id, fingerprint)
+    mode, kid = (KEYED, key_id(key)) if key is not None else (PLAIN, bytes(KEY_ID_BYTES))
+    return MAGIC + mode + kid + _digest(mode, kid, body, key) + body
+
+
+def decode(data: bytes, stream_id: str, key: bytes | None = None, fingerprint: str = "",
+           name: str = "state file") -> dict:
+    """The record of a state file of `stream_id` written for the model `fingerprint`, verified
+    under `key` (or its checksum without one); CorruptCheckpoint otherwise. Never runs code."""
+    try:
+        return _decode(data, stream_id, key, fingerprint)
+    except _Refused as e:
+        raise CorruptCheckpoint(name, e.why, e.reason) from None
+
+
+def _decode(data: bytes, stream_id: str, key: bytes | None, fingerprint: str) -> dict:
+    if data.startswith(LEGACY_MAGIC):
+        raise _Refused("legacy", "written by an older tta-runtime in a format that can carry code (a pickle), so it "
+                                 "is refused and never loaded; start the stream over (tta ctl set-policy) or delete "
+                                 "it (tta ctl delete) and remove any other files in the old format")
     if not data.startswith(MAGIC):
-        raise CorruptCheckpoint(f"{origin}: not a tta-runtime checkpoint (bad header)")
-    digest = data[len(MAGIC):len(MAGIC) + DIGEST_BYTES]
-    payload = data[len(MAGIC) + DIGEST_BYTES:]
-    if hashlib.sha256(payload).digest() != digest:
-        raise CorruptCheckpoint(f"{origin}: checksum mismatch ({len(payload)} payload bytes)")
-    # weights_only=False: the payload holds generator states and plain containers we wrote ourselves,
-    # and its checksum has just been verified
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+        version = data.startswith(MAGIC[:-2])
+        raise _Refused("format", "an unknown version of the tta-runtime state format" if version
+                       else "not a tta-runtime state file (bad header)")
+    if len(data) < HEADER_BYTES:
+        raise _Refused("signature" if key is not None else "checksum", f"cut short ({len(data)} bytes)")
+    at = len(MAGIC)
+    mode, kid = data[at:at + 1], data[at + 1:at + 1 + KEY_ID_BYTES]
+    digest, body = data[at + 1 + KEY_ID_BYTES:HEADER_BYTES], data[HEADER_BYTES:]
+    if mode not in (KEYED, PLAIN):
+        raise _Refused("format", "unknown signature mode")
+    if mode == KEYED and key is None:
+        raise _Refused("signature", f"signed with a state key (key id {kid.hex()}) but this server has no "
+                                    f"--state-key-file / ${STATE_KEY_ENV}: start it with the key that signed it")
+    if mode == PLAIN and key is not None:
+        raise _Refused("signature", "written without a state key, and this server, started with a state key, "
+                                    "accepts only files signed with it")
+    if mode == KEYED and not hmac.compare_digest(kid, key_id(key)):
+        raise _Refused("signature", f"signed with another state key (key id {kid.hex()}; this server's key id is "
+                                    f"{key_id(key).hex()})")
+    if not hmac.compare_digest(digest, _digest(mode, kid, body, key)):
+        if mode == KEYED:
+            raise _Refused("signature", "its signature does not verify under this server's state key (altered or "
+                                        "damaged)")
+        raise _Refused("checksum", f"checksum mismatch ({len(body)} body bytes): damaged")
+    metadata, tensors = _read_body(body)
+    if metadata["format"] != FORMAT:
+        raise _Refused("format", f"record format {metadata['format'][:40]!r}, expected {FORMAT!r}")
+    if metadata["stream_id"] != stream_id:
+        raise _Refused("other_stream", f"it holds the state of another stream ({metadata['stream_id'][:80]!r})")
+    if metadata["model"] != fingerprint:
+        raise _Refused("other_model", f"it was written for another model (weights fingerprint "
+                                      f"{metadata['model'][:12] or 'none'}; this server's model is "
+                                      f"{fingerprint[:12] or 'none'})")
+    try:
+        skeleton = _json(metadata["record"])
+    except (ValueError, RecursionError) as e:
+        raise _Refused("format", f"the record is not valid JSON ({type(e).__name__})") from None
+    unpack = _Unpacker(tensors)
+    record = unpack(skeleton)
+    if type(record) is not dict:
+        raise _Refused("format", "the record is not a dict")
+    if unpack.used != set(tensors):
+        raise _Refused("format", f"{len(set(tensors) - unpack.used)} tensors no part of the record refers to")
+    return record
 
 
 class StateStore:
-    def __init__(self, root: str | os.PathLike):
+    """The state dir of one server: `key` signs and verifies every file (None: SHA-256 only);
+    `model_fingerprint` (LoadedModel.fingerprint) binds every file to the model; `on_reject(reason)`
+    is called for every refused file (the engine counts tta_state_files_rejected_total)."""
+
+    def __init__(self, root: str | os.PathLike, key: bytes | None = None, model_fingerprint: str = "",
+                 on_reject: Callable[[str], None] | None = None):
+        if key is not None and len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"a state key needs at least {MIN_KEY_BYTES} bytes")
         self.root = Path(root)
+        self.key, self.model_fingerprint, self.on_reject = key, model_fingerprint, on_reject
         (self.root / "streams").mkdir(parents=True, exist_ok=True)
         (self.root / "snapshots").mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
@@ -84,10 +373,16 @@ class StateStore:
         for tmp in self.root.rglob(f".*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
 
+    def _name(self, path: Path) -> str:
+        """The file as clients may hear of it: relative to the state dir."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return path.name
+
     # --- atomic file io -------------------------------------------------------------------
-    @staticmethod
-    def _write(path: Path, obj, keep_previous: bool = False) -> None:
-        data = encode(obj)
+    def _write(self, path: Path, stream_id: str, record: dict, keep_previous: bool = False) -> None:
+        data = encode(record, stream_id, self.key, self.model_fingerprint)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{os.getpid()}{TMP_SUFFIX}"
         try:
@@ -105,43 +400,58 @@ class StateStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    @staticmethod
-    def _read(path: Path):
-        return decode(path.read_bytes(), str(path))
+    def _read(self, path: Path, stream_id: str) -> dict:
+        data = path.read_bytes()
+        try:
+            return decode(data, stream_id, self.key, self.model_fingerprint, self._name(path))
+        except CorruptCheckpoint as e:
+            e.path = path
+            log.error("refused state file %s (%s): %s", path, e.reason, e.why)
+            if self.on_reject is not None:
+                self.on_reject(e.reason)
+            raise
 
-    def _read_with_fallback(self, path: Path):
-        """The latest checkpoint, or the previous one when the latest is damaged (which is then
+    def _read_with_fallback(self, path: Path, stream_id: str) -> dict:
+        """The latest checkpoint, or the previous one when the latest is refused (which is then
         set aside as *.corrupt-<time> for inspection, never loaded)."""
         try:
-            return self._read(path)
+            return self._read(path, stream_id)
         except CorruptCheckpoint as e:
             prev = path.with_name(path.name + PREV_SUFFIX)
+            if e.reason not in ("checksum", "format"):
+                # intact but not ours (another key, stream or model, the old format): left where it
+                # is, so that a replica started with the wrong key cannot push the right ones back
+                if not prev.exists():
+                    raise
+                log.error("refused %s; trying the previous checkpoint", path)
+                return self._read(prev, stream_id)
             kept = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
             os.replace(path, kept)
             if not prev.exists():
-                log.error("%s; moved it to %s and no previous checkpoint exists", e, kept.name)
+                log.error("moved %s to %s; no previous checkpoint exists", path, kept.name)
                 raise
-            log.error("%s; moved it to %s and resuming from the previous checkpoint", e, kept.name)
+            log.error("moved %s to %s; trying the previous checkpoint", path, kept.name)
             os.link(prev, path)
-            return self._read(path)
+            return self._read(path, stream_id)
 
     # --- stream state -------------------------------------------------------------------
     def stream_path(self, stream_id: str) -> Path:
         return self.root / "streams" / f"{file_name(stream_id)}.pt"
 
     def save_stream(self, stream_id: str, record: dict) -> None:
-        self._write(self.stream_path(stream_id), record, keep_previous=True)
+        self._write(self.stream_path(stream_id), stream_id, record, keep_previous=True)
 
     def load_stream(self, stream_id: str) -> dict:
-        return self._read_with_fallback(self.stream_path(stream_id))
+        return self._read_with_fallback(self.stream_path(stream_id), stream_id)
 
     def delete_stream(self, stream_id: str) -> None:
         path = self.stream_path(stream_id)
-        path.unlink(missing_ok=True)
-        path.with_name(path.name + PREV_SUFFIX).unlink(missing_ok=True)
         folder = self.root / "snapshots" / file_name(stream_id)
         if folder.is_dir():
             shutil.rmtree(folder)
+        path.with_name(path.name + PREV_SUFFIX).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # last: while it exists, a restart still knows the stream
+        _fsync_dir(path.parent)  # durable: a deleted stream does not come back after a crash
 
     def saved_streams(self) -> list[str]:
         return sorted(unquote(p.stem) for p in (self.root / "streams").glob("*.pt") if not p.name.startswith("."))
@@ -151,10 +461,10 @@ class StateStore:
         return self.root / "snapshots" / file_name(stream_id) / f"{name}.pt"
 
     def save_snapshot(self, stream_id: str, name: str, record: dict) -> None:
-        self._write(self.snapshot_path(stream_id, name), record)
+        self._write(self.snapshot_path(stream_id, name), stream_id, record)
 
     def load_snapshot(self, stream_id: str, name: str) -> dict:
-        return self._read(self.snapshot_path(stream_id, name))
+        return self._read(self.snapshot_path(stream_id, name), stream_id)
 
     def snapshots(self, stream_id: str) -> list[str]:
         """Names, oldest first."""

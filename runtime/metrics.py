@@ -66,8 +66,9 @@ class Metrics:
                                  ["model"], registry=r)
         self.restores = Counter("tta_streams_restored_total", "Streams whose state was loaded from disk",
                                 ["model", "source"], registry=r)
-        self.rejected = Counter("tta_requests_rejected_total", "Batches refused with RESOURCE_EXHAUSTED because a "
-                                "queue was full, by which (global_queue, stream_queue)", ["model", "queue"], registry=r)
+        self.rejected = Counter("tta_requests_rejected_total", "Batches refused or dropped before they ran, by why: "
+                                "global_queue / stream_queue (full), wait (would wait over --max-queue-wait), "
+                                "deadline (the client's deadline passed while it waited; never run)", ["model", "queue"], registry=r)
         self.checkpoints = Counter("tta_checkpoints_total", "Stream states written to the state dir, by reason "
                                    "(periodic, eviction, shutdown)", ["model", "reason"], registry=r)
         self.checkpoint_seconds = Histogram("tta_checkpoint_duration_seconds", "Time to write a round of "
@@ -75,6 +76,15 @@ class Metrics:
         self.checkpoint_failures = Counter("tta_checkpoint_failures_total", "Rounds of periodic checkpoints that "
                                            "failed (disk full, permissions); the state stays in memory", ["model"],
                                            registry=r)
+        self.state_files_rejected = Counter("tta_state_files_rejected_total", "State files (checkpoints, "
+                                            "snapshots) refused when read, never loaded, by reason: checksum, "
+                                            "signature, format, other_stream, other_model, legacy",
+                                            ["model", "reason"], registry=r)
+        self.expired = Counter("tta_streams_expired_total", "Idle streams forgotten after --stream-ttl (memory, "
+                               "disk and snapshots)", ["model"], registry=r)
+        self.durable = Gauge("tta_state_durable", "1 while writes to the state directory succeed; 0 after one "
+                             "failed (disk full, read-only, I/O error) until one succeeds: adapted state is then "
+                             "in memory only", ["model"], registry=r)
         self.grouped_batches = Histogram("tta_grouped_batches", "Batches of different streams predicted in one "
                                          "forward pass (cross-stream batching), per pass", ["model"],
                                          buckets=BATCH_BUCKETS, registry=r)

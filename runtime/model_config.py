@@ -27,8 +27,10 @@ the config also gives a factory for the same network.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +95,9 @@ class LoadedModel:
     prototypes: torch.Tensor | None = None
     source_path: str = ""
     notes: list[str] = field(default_factory=list)
+    # SHA-256 over the source weights (the adaptable module's state dict: keys, dtypes, shapes,
+    # bytes; else the frozen graph file): every state file is bound to it (runtime/checkpoints.py)
+    fingerprint: str = ""
 
     def can_adapt(self) -> bool:
         return self.module is not None
@@ -144,6 +149,24 @@ def _torch_load(path: Path):
     if not path.is_file():
         raise ConfigError(f"file {path} named in the model config does not exist")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def module_fingerprint(module: nn.Module) -> str:
+    """SHA-256 over a module's state dict in order: each entry's key, dtype and shape, then its bytes."""
+    h = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        h.update(json.dumps([key, str(tensor.dtype), list(tensor.shape)]).encode() + b"\n")
+        if tensor.numel():
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _onnx_forward(path: Path, device: torch.device):
@@ -259,7 +282,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
             m = m.eval()
         return (Normalized(m, mean, std) if mean is not None else m).to(device)
 
-    module, frozen, platform, notes = None, None, "", []
+    module, frozen, platform, notes, frozen_file = None, None, "", [], None
     if "factory" in mcfg:
         network = _import_factory(mcfg["factory"], base)(**dict(mcfg.get("factory_args", {})))
         if not isinstance(network, nn.Module):
@@ -273,7 +296,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         module = wrap(network)
         platform = "pytorch_torch"
     if "onnx" in mcfg:
-        onnx_forward = _onnx_forward(_resolve(base, mcfg["onnx"]), device)
+        frozen_file = _resolve(base, mcfg["onnx"])
+        onnx_forward = _onnx_forward(frozen_file, device)
         if mean is not None:
             m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
             s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
@@ -289,7 +313,7 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
             if not p.is_file():
                 raise ConfigError(f"[model] {key} file {p} does not exist")
             frozen = _torch_forward(wrap(loader(str(p)), set_eval=key == "torchscript"), device)
-            platform = platform or plat
+            platform, frozen_file = platform or plat, p
     if module is None and frozen is None:
         raise ConfigError(f"{path}: [model] needs one of factory, torchscript, exported, onnx")
     if module is None:
@@ -334,4 +358,5 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     return LoadedModel(name=name, platform=platform, channels=channels, height=height, width=width,
                        labels=labels, num_classes=num_classes, default_policy=policy,
                        default_hyperparameters=hyper, tracked_streams=tracked_streams, device=device,
-                       module=module, frozen=frozen, prototypes=prototypes, source_path=str(path), notes=notes)
+                       module=module, frozen=frozen, prototypes=prototypes, source_path=str(path), notes=notes,
+                       fingerprint=module_fingerprint(module) if module is not None else file_fingerprint(frozen_file))

@@ -7,11 +7,20 @@ Accepted forms (all under the model's single input name):
 Contents come either raw (`raw_input_contents`, what tritonclient sends) or typed
 (`contents.fp32_contents` / `uint_contents` / `bytes_contents`, what KServe's client sends).
 Every rejection raises InputError with a message that says what was expected.
+
+Decoding is bounded before it starts: an encoded image's size is read from its PNG or JPEG
+header (`image_size`), and an image over MAX_IMAGE_SIDE / MAX_IMAGE_PIXELS is refused without
+being decoded. `DecodeBudget` bounds the pixels one request may decode (`tta serve
+--max-decoded-mb`) and the pixels all requests being decoded at once may hold (`--decode-budget-mb`):
+beyond it a request is refused at once instead of queueing unbounded work.
 """
 from __future__ import annotations
 
 import os
 import struct
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 MAX_IMAGE_SIDE = 8192  # refuse absurd images (memory)
 MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels: a small compressed "bomb" must not allocate gigabytes
@@ -24,6 +33,128 @@ import numpy as np  # noqa: E402
 
 class InputError(ValueError):
     """The request's input is malformed (INVALID_ARGUMENT)."""
+
+
+class DecodeBusy(RuntimeError):
+    """DecodeBudget's default refusal: the images being decoded already hold the budget (the
+    server passes a `refuse` that makes it RESOURCE_EXHAUSTED)."""
+
+
+DECODED_BYTES_PER_PIXEL = 3  # cv2.imdecode(IMREAD_COLOR) gives 8-bit BGR
+MAX_DECODED_MB = 64.0  # default of `tta serve --max-decoded-mb`: per request
+DECODE_BUDGET_MB = 256.0  # default of `tta serve --decode-budget-mb`: all requests being decoded
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (the frame header holds the size): SOF0-3, 5-7, 9-11, 13-15
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_MAX_SEGMENTS = 256  # segments before the frame header (EXIF, ICC profile chunks, tables)
+
+
+def image_size(blob: bytes) -> tuple[int, int] | None:
+    """(width, height) that an encoded PNG or JPEG declares in its header, without decoding it;
+    None when the bytes are neither (or the header is cut short or names no size)."""
+    if blob[:8] == _PNG_SIGNATURE:
+        if len(blob) < 24 or blob[12:16] != b"IHDR":  # IHDR is the first chunk, at a fixed offset
+            return None
+        width, height = struct.unpack_from(">II", blob, 16)
+        return (width, height) if width and height else None
+    if blob[:2] != b"\xff\xd8":  # JPEG: SOI, then segments up to a start-of-frame
+        return None
+    offset = 2
+    for _ in range(_JPEG_MAX_SEGMENTS):
+        while offset < len(blob) and blob[offset] == 0xFF:  # a marker, after optional fill bytes
+            offset += 1
+        if offset < 3 or offset >= len(blob) or blob[offset - 1] != 0xFF:
+            return None
+        marker = blob[offset]
+        offset += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers: no length
+            continue
+        if marker in (0xD9, 0xDA) or offset + 2 > len(blob):  # end of image / scan data before a frame
+            return None
+        (length,) = struct.unpack_from(">H", blob, offset)
+        if marker in _JPEG_SOF:
+            if length < 8 or offset + 7 > len(blob):
+                return None
+            height, width = struct.unpack_from(">HH", blob, offset + 3)
+            return (width, height) if width and height else None
+        if length < 2:
+            return None
+        offset += length
+    return None
+
+
+def _check_image_size(i: int, width: int, height: int) -> None:
+    """Refuse an image too large to decode, from the size its header declares."""
+    if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"BYTES element {i} declares a {width}x{height} image, over {MAX_IMAGE_SIDE} pixels a side "
+                         f"or {MAX_IMAGE_PIXELS} pixels; resize it before sending")
+
+
+def decoded_bytes(datatype: str, shape, raw: bytes | None, contents) -> int:
+    """Bytes of the pixels an input decodes to at its own size (before resizing), from the
+    encoded images' headers; 0 for what is not decoded (FP32) or is malformed (decode() then
+    says why). An encoded image too large to decode at all is refused here (InputError)."""
+    if datatype == "UINT8":  # decoded already; resizing reads them (the message holds them)
+        held = len(raw) if raw is not None else len(contents.uint_contents)
+        return held if held == _element_count(shape) else 0
+    if datatype != "BYTES":
+        return 0
+    try:
+        items = deserialize_bytes(raw) if raw is not None else list(contents.bytes_contents)
+    except InputError:
+        return 0
+    total = 0
+    for i, blob in enumerate(items):
+        size = image_size(blob)
+        if size is not None:
+            _check_image_size(i, *size)
+            total += size[0] * size[1] * DECODED_BYTES_PER_PIXEL
+    return total
+
+
+class DecodeBudget:
+    """Bounds on image decoding, for a server that decodes requests in a thread pool: a request
+    whose images decode to more than `max_request_bytes` is refused (InputError), and while the
+    requests being decoded hold `max_in_flight_bytes` another is refused at once with
+    `refuse(message)`, rather than waiting in the pool's queue (a request alone is always let
+    through, so one within the per-request bound never fails for want of budget). Thread-safe."""
+
+    def __init__(self, max_request_bytes: int = int(MAX_DECODED_MB * 2**20),
+                 max_in_flight_bytes: int = int(DECODE_BUDGET_MB * 2**20),
+                 refuse: Callable[[str], Exception] = DecodeBusy):
+        self.max_request_bytes, self.max_in_flight_bytes, self.refuse = max_request_bytes, max_in_flight_bytes, refuse
+        self.in_flight = 0  # bytes held by the requests being decoded now
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, request) -> Iterator[int]:
+        """Around the decoding of a ModelInferRequest: its bytes (decoded_bytes of its one input)
+        are held until the block ends. A request that is not one well-formed input holds none
+        (decoding it refuses it)."""
+        need = self.request_bytes(request)
+        if need > self.max_request_bytes:
+            raise InputError(f"the request's images decode to {need / 2**20:.1f} MiB, over the limit of "
+                             f"{self.max_request_bytes / 2**20:g} MiB per request (--max-decoded-mb); "
+                             f"send fewer or smaller images, or resize them before sending")
+        with self._lock:
+            if need and self.in_flight and self.in_flight + need > self.max_in_flight_bytes:
+                raise self.refuse(f"the server is decoding {self.in_flight / 2**20:.1f} MiB of images; "
+                                  f"this request's {need / 2**20:.1f} MiB would exceed the decode budget of "
+                                  f"{self.max_in_flight_bytes / 2**20:g} MiB (--decode-budget-mb): retry shortly")
+            self.in_flight += need
+        try:
+            yield need
+        finally:
+            with self._lock:
+                self.in_flight -= need
+
+    @staticmethod
+    def request_bytes(request) -> int:
+        inputs, raw = request.inputs, request.raw_input_contents
+        if len(inputs) != 1 or len(raw) > 1:
+            return 0
+        tensor = inputs[0]
+        return decoded_bytes(tensor.datatype, tensor.shape, raw[0] if raw else None, tensor.contents)
 
 
 def deserialize_bytes(raw: bytes) -> list[bytes]:
@@ -46,7 +177,9 @@ def serialize_bytes(items) -> bytes:
 
 
 def _shape_text(shape) -> str:
-    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+    """A client's shape for a message: at most 8 dimensions shown (the messages stay short)."""
+    more = f", …({len(shape)} dims)" if len(shape) > 8 else ""
+    return "[" + ", ".join(str(int(s)) for s in shape[:8]) + more + "]"
 
 
 def _resize(images: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -144,12 +277,15 @@ def decode(datatype: str, shape, raw: bytes | None, contents, channels: int, hei
             raise InputError(f"BYTES input of shape {_shape_text(shape)} needs {count} elements, got {len(items)}")
         decoded = []
         for i, blob in enumerate(items):
+            size = image_size(blob)  # checked before decoding: the header says how much it would allocate
+            if size is not None:
+                _check_image_size(i, *size)
             try:
-                image = cv2.imdecode(np.frombuffer(blob, dtype=np.uint8), cv2.IMREAD_COLOR) if blob else None
+                image = cv2.imdecode(np.frombuffer(blob, dtype=np.uint8), cv2.IMREAD_COLOR) if size else None
             except cv2.error:
                 raise InputError(f"BYTES element {i} declares an image over {MAX_IMAGE_PIXELS} pixels; "
                                  f"resize it before sending") from None
-            if image is None:
+            if image is None or image.shape[0] * image.shape[1] > size[0] * size[1]:
                 raise InputError(f"BYTES element {i} ({len(blob)} bytes) is not a decodable JPEG or PNG image")
             if max(image.shape[:2]) > MAX_IMAGE_SIDE:
                 raise InputError(f"image {i} is {image.shape[1]}x{image.shape[0]}, over {MAX_IMAGE_SIDE} pixels a side")
@@ -157,8 +293,9 @@ def decode(datatype: str, shape, raw: bytes | None, contents, channels: int, hei
             decoded.append(_resize(image[None], height, width)[0])
         return _to_model_input(np.stack(decoded), channels, height, width)
 
-    raise InputError(f"input datatype {datatype!r} is not accepted; send FP32 [N, {channels}, {height}, {width}] "
-                     f"pixels in [0, 1], UINT8 [N, H, W, 3], or BYTES [N] encoded JPEG/PNG")
+    raise InputError(f"input datatype {datatype[:32]!r}{'…' if len(datatype) > 32 else ''} is not accepted; "
+                     f"send FP32 [N, {channels}, {height}, {width}] pixels in [0, 1], UINT8 [N, H, W, 3], "
+                     f"or BYTES [N] encoded JPEG/PNG")
 
 
 def has_typed_contents(contents) -> bool:

@@ -9,7 +9,8 @@ Prometheus metrics over HTTP on --metrics-port (default 8002).
 
 SIGTERM / SIGINT: health NOT_SERVING and ServerReady false, new inference answered UNAVAILABLE,
 in-flight RPCs get --grace seconds, pending updates are applied, stream state is checkpointed
-to --state-dir, then the process exits 0.
+to --state-dir, then the process exits 0 (1 when some streams could not be saved; the log names
+them). Health service "tta.state" is NOT_SERVING while writes to the state dir fail.
 """
 from __future__ import annotations
 
@@ -24,17 +25,22 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from runtime.checkpoints import STATE_KEY_ENV, key_id, load_key
 from runtime.engine import Engine, EngineError
 from runtime.guard import GuardConfig
 from runtime.metrics import Metrics
 from runtime.model_config import ConfigError, load
+from runtime.preprocess import DECODE_BUDGET_MB, MAX_DECODED_MB, DecodeBudget
 from runtime.protocol import CONTROL_TOKEN_ENV, INFERENCE_TOKEN_ENV, ready_line
 from runtime.serving import security
 from runtime.serving.control import AdaptationService
 from runtime.serving.inference import InferenceService
-from runtime.serving.wire import pb_grpc, tta_grpc
+from runtime.serving.wire import add_servicer, pb_grpc, tta_grpc
 
 log = logging.getLogger("tta.serve")
+
+# grpc.health.v1 service name whose status says whether the state dir takes writes (durability)
+STATE_SERVICE = "tta.state"
 
 EXAMPLES = """examples:
   tta serve                                   # the built-in demo model on 127.0.0.1:8001, metrics :8002
@@ -55,6 +61,10 @@ def add_arguments(p) -> None:
                    help="give this stream its own metric labels (repeatable)")
     p.add_argument("--state-dir", help="keep stream state here: evicted streams, snapshots, checkpoint at shutdown, "
                                        "restored at start (default: a temporary directory, nothing kept)")
+    p.add_argument("--state-key-file", help=f"sign every state file with this key (HMAC-SHA256; the file's content, "
+                                           f"stripped, at least 16 bytes; or ${STATE_KEY_ENV}) and refuse any file "
+                                           f"that does not verify under it. Without a key files carry a SHA-256 "
+                                           f"checksum only, so the state dir must be trusted (docs/OPERATIONS.md)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--frozen-backend", choices=("torch", "onnx", "auto"), default="torch",
                    help="what runs unadapted `source` streams of a PyTorch model: torch, ONNX Runtime (the model "
@@ -68,6 +78,10 @@ def add_arguments(p) -> None:
                    help="adapted state kept in memory; least recently used streams beyond it go to disk")
     p.add_argument("--max-queue", type=int, default=256,
                    help="batches waiting for the engine; more: RESOURCE_EXHAUSTED")
+    p.add_argument("--max-queue-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="refuse a batch at once (RESOURCE_EXHAUSTED) when the batches ahead of it would take "
+                        "longer than this (measured time per batch x batches waiting; 0: no bound; default: 30). "
+                        "A batch whose client deadline passes while it waits is never run")
     p.add_argument("--max-stream-queue", type=int, default=64,
                    help="batches of one stream waiting for the engine; more: RESOURCE_EXHAUSTED (one busy "
                         "stream cannot fill the whole queue)")
@@ -78,7 +92,17 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint-interval", type=float, default=30.0, metavar="SECONDS",
                    help="with --state-dir: every this many seconds, checkpoint the streams that changed "
                         "(0: only at eviction and shutdown; default: 30)")
+    p.add_argument("--stream-ttl", type=float, default=0.0, metavar="SECONDS",
+                   help="forget streams idle for longer than this (memory, state dir and snapshots, as DeleteStream "
+                        "does), also across restarts, so a flood of stream ids cannot hold --max-streams for good "
+                        "(0: never; default: 0)")
     p.add_argument("--max-batch", type=int, default=256, help="largest batch per request")
+    p.add_argument("--max-decoded-mb", type=float, default=MAX_DECODED_MB, metavar="MB",
+                   help="pixels one request's JPEG/PNG (and UINT8) images may decode to, at 3 bytes a pixel, read "
+                        "from the image headers before decoding; more: INVALID_ARGUMENT (default: %(default)g)")
+    p.add_argument("--decode-budget-mb", type=float, default=DECODE_BUDGET_MB, metavar="MB",
+                   help="decoded pixels of all requests being decoded at once; a request beyond it is answered "
+                        "RESOURCE_EXHAUSTED at once instead of queueing (default: %(default)g)")
     p.add_argument("--guard", choices=("rollback", "reset", "off"), default="rollback",
                    help="collapse guard for weight-updating policies (runtime/guard.py): on non-finite values, a "
                         "collapsed class marginal, runaway weights or a lasting BN-shift jump, roll the stream back "
@@ -102,13 +126,19 @@ def add_arguments(p) -> None:
     p.add_argument("--control-token-file", help=f"require 'authorization: Bearer <token>' on control RPCs that change "
                                                f"state (token read from this file, or from ${CONTROL_TOKEN_ENV}); "
                                                f"inference and read-only control RPCs stay open")
-    p.add_argument("--inference-token-file", help=f"require 'authorization: Bearer <token>' on inference RPCs too "
-                                                 f"(token read from this file, or from ${INFERENCE_TOKEN_ENV}); "
+    p.add_argument("--inference-token-file", help=f"require 'authorization: Bearer <token>' on inference RPCs and "
+                                                 f"on read-only control RPCs too (those take this or the control "
+                                                 f"token; token read from this file, or from ${INFERENCE_TOKEN_ENV}); "
                                                  f"ServerLive, ServerReady and grpc.health.v1 stay open for probes")
     p.add_argument("--log-level", default="INFO")
 
 
 async def serve(args) -> int:
+    try:
+        state_key = load_key(args.state_key_file)
+    except (OSError, ValueError) as e:
+        log.error("state key: %s", e)
+        return 2
     try:
         model = load(args.model, device=args.device, default_policy=args.policy, tracked=args.track,
                      frozen_backend=args.frozen_backend)
@@ -121,10 +151,16 @@ async def serve(args) -> int:
     except ValueError as e:
         log.error("%s", e)
         return 2
+    if state_key is not None:
+        log.info("state files are signed and verified with the state key (key id %s)", key_id(state_key).hex())
+    elif args.state_dir:
+        log.info("state files carry a SHA-256 checksum but no signature (no --state-key-file): the state dir "
+                 "must be writable by trusted parties only")
     engine = Engine(model, metrics, state_dir=args.state_dir, max_streams=args.max_streams,
                     memory_budget_bytes=int(args.memory_budget_mb * 2**20), max_queue=args.max_queue,
                     guard=guard, max_stream_queue=args.max_stream_queue,
-                    checkpoint_interval=args.checkpoint_interval, max_group=args.max_group)
+                    checkpoint_interval=args.checkpoint_interval, max_group=args.max_group,
+                    max_queue_wait=args.max_queue_wait, stream_ttl=args.stream_ttl, state_key=state_key)
     log.info("model %r loaded: %s on %s, input [N, %d, %d, %d], %d classes%s", model.name, model.platform,
              model.device, model.channels, model.height, model.width, model.num_classes,
              "" if model.can_adapt() else " (frozen: source policy only)")
@@ -142,9 +178,12 @@ async def serve(args) -> int:
         ("grpc.max_receive_message_length", max_bytes),
         ("grpc.max_send_message_length", max_bytes),
     ])
-    inference = InferenceService(model, engine, args.max_batch)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
-    tta_grpc.add_AdaptationServiceServicer_to_server(AdaptationService(model, engine), server)
+    decodes = DecodeBudget(int(args.max_decoded_mb * 2**20), int(args.decode_budget_mb * 2**20),
+                           refuse=lambda message: EngineError("RESOURCE_EXHAUSTED", message))
+    inference = InferenceService(model, engine, args.max_batch, decodes)
+    # the generated handler tables, with request deserializers that never raise (wire.add_servicer)
+    add_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server, inference, server)
+    add_servicer(tta_grpc.add_AdaptationServiceServicer_to_server, AdaptationService(model, engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = ["inference.GRPCInferenceService", "tta.v1.AdaptationService"]
@@ -190,13 +229,16 @@ async def serve(args) -> int:
     if token:
         log.info("control RPCs that change state require the control bearer token")
     if inference_token:
-        log.info("inference RPCs (but ServerLive/ServerReady) require the inference bearer token")
+        log.info("inference RPCs (but ServerLive/ServerReady) and read-only control RPCs require the inference "
+                 "bearer token%s", " (or, for control, the control token)" if token else "")
     policy_note = f"default policy {model.default_policy}" + (f"; {'; '.join(model.notes)}" if model.notes else "")
     # One parseable line for scripts and tests (ports may have been chosen by the OS).
     tls_note = "; TLS" + (" with client certificates" if args.tls_client_ca else "") if args.tls_cert else ""
     print(ready_line(model.name, host, port, metrics_port, policy_note + tls_note), flush=True)
 
+    watcher = asyncio.create_task(_watch_durability(engine, health_servicer))
     await stop.wait()
+    watcher.cancel()
     for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal: stop now, without the checkpoint
         loop.add_signal_handler(sig, _exit_now)
     log.info("shutting down: NOT_SERVING, draining for up to %.0f s (signal again to exit at once)", args.grace)
@@ -210,14 +252,28 @@ async def serve(args) -> int:
     started = time.monotonic()
     await engine.wait_idle(args.grace)
     await server.stop(max(args.grace - (time.monotonic() - started), 1.0))
-    saved = await engine.drain_and_checkpoint()
+    saved, failed = await engine.drain_and_checkpoint()
     if engine.persistent:
         log.info("checkpointed %d streams to %s", saved, engine.store.root)
+    if failed:  # their adapted state since their last checkpoint is lost: say which
+        log.error("%d streams could not be checkpointed and lose what they learned since their last "
+                  "checkpoint: %s", len(failed), ", ".join(repr(s) for s in failed))
     engine.close()
     if metrics_http is not None:
         metrics_http.shutdown()
     log.info("stopped")
-    return 0
+    return 1 if failed else 0
+
+
+async def _watch_durability(engine: Engine, health_servicer, every: float = 1.0) -> None:
+    """Health service STATE_SERVICE follows the state dir: NOT_SERVING while writes to it fail."""
+    shown = None
+    while True:
+        if engine.durable != shown:
+            shown = engine.durable
+            await health_servicer.set(STATE_SERVICE, health_pb2.HealthCheckResponse.SERVING if shown
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.sleep(every)
 
 
 def _exit_now() -> None:

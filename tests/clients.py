@@ -5,6 +5,8 @@ Imports only client code: tritonclient and the tta.v1 stubs can share a process 
 own inference stubs cannot; see conftest.py)."""
 from __future__ import annotations
 
+import urllib.request
+
 import grpc
 import numpy as np
 import pytest
@@ -83,3 +85,31 @@ def status(fn, *args, **kwargs) -> tuple[str, str]:
     except grpc.RpcError as e:
         return e.code().name, e.details()
     raise AssertionError(f"{fn} succeeded but should have failed")
+
+
+# --- raw gRPC and metrics ---------------------------------------------------------------
+def raw_unary(channel, method: str):
+    """A unary call of `method` ("/package.Service/Rpc") that sends and returns raw bytes, as any
+    gRPC client may (no stubs, no serialization)."""
+    return channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+
+def raw_stream(channel, method: str):
+    return channel.stream_stream(method, request_serializer=None, response_deserializer=None)
+
+
+def scrape(server) -> dict[str, float]:
+    """The server's /metrics samples, by their full name with labels."""
+    text = urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def total(samples: dict, prefix: str, **labels) -> float:
+    """The sum of a family's samples whose labels include `labels`."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in samples.items() if k.startswith(prefix + "{") and all(w in k for w in want))

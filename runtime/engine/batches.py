@@ -67,17 +67,28 @@ class Batches:
         stream = self.table.get(batch.stream_id)
         self.table.learn_owed(stream)  # batch t+1 sees the update from batch t
         verdict = ""
-        if stream.frozen:
-            logits, bn_shift = self.model.frozen(batch.x), None
-        else:
-            x = torch.from_numpy(batch.x).to(self.model.device)
-            if stream.guarded is not None:
-                stream.guarded.before_predict(stream.adapter)
-            logits = stream.adapter.predict(x).float().cpu().numpy()
-            bn_shift = stream.predicted(self.metrics)
-            if stream.guarded is not None:
-                logits, verdict = self._guard(stream, batch.x, x, logits, bn_shift)
-        return self._finish(stream, batch, started, time.monotonic() - started, logits, bn_shift, verdict)
+        try:
+            if stream.frozen:
+                logits, bn_shift = self.model.frozen(batch.x), None
+            else:
+                x = torch.from_numpy(batch.x).to(self.model.device)
+                if stream.guarded is not None:
+                    stream.guarded.before_predict(stream.adapter)
+                logits = stream.adapter.predict(x).float().cpu().numpy()
+                bn_shift = stream.predicted(self.metrics)
+                if stream.guarded is not None:
+                    logits, verdict = self._guard(stream, batch.x, x, logits, bn_shift)
+            return self._finish(stream, batch, started, time.monotonic() - started, logits, bn_shift, verdict)
+        except Exception:
+            self._unlearn(stream)
+            raise
+
+    @staticmethod
+    def _unlearn(stream: Stream) -> None:
+        """The batch is answered with an error: the stream must not learn from it (a client that
+        retries would teach it twice)."""
+        if stream.adapter is not None:
+            stream.adapter.discard()
 
     def _source_logits(self, x: np.ndarray, batch: torch.Tensor) -> np.ndarray:
         if self.model.frozen is not None:
@@ -159,5 +170,6 @@ class Batches:
                 answers.append((self._finish(stream, batch, started, share, lg, shift), None))
             except Exception as e:  # noqa: BLE001
                 log.exception("engine job failed")
+                self._unlearn(stream)
                 answers.append((None, e))
         return answers

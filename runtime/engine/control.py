@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 
 from runtime.checkpoints import CorruptCheckpoint
-from runtime.engine.errors import EngineError, check_snapshot_name
+from runtime.engine.errors import EngineError, check_snapshot_name, shown
 from runtime.engine.policies import Policies
-from runtime.engine.table import REMEMBERED_REQUESTS, StreamTable
+from runtime.engine.table import REMEMBERED_REQUESTS, StreamTable, storage_error
 from runtime.metrics import Metrics
 from runtime.model_config import LoadedModel
 
@@ -24,7 +24,7 @@ class Control:
     def get(self, stream_id: str) -> dict:
         stream = self.table.peek(stream_id)
         if stream is None:
-            raise EngineError("NOT_FOUND", f"stream {stream_id!r} does not exist")
+            raise EngineError("NOT_FOUND", f"stream {shown(stream_id)} does not exist")
         self.table.learn_owed(stream)
         return self._info(stream)
 
@@ -62,15 +62,18 @@ class Control:
         check_snapshot_name(name)
         stream = self.table.get(stream_id, create=False)
         if not stream.snapshots:
-            raise EngineError("NOT_FOUND", f"stream {stream_id!r} has no snapshots; take one with Snapshot first")
+            raise EngineError("NOT_FOUND", f"stream {shown(stream_id)} has no snapshots; take one with Snapshot first")
         name = name or stream.snapshots[-1]
         if name not in stream.snapshots:
-            raise EngineError("NOT_FOUND", f"stream {stream_id!r} has no snapshot {name!r}; it has: "
+            raise EngineError("NOT_FOUND", f"stream {shown(stream_id)} has no snapshot {shown(name)}; it has: "
                                            f"{', '.join(stream.snapshots)}")
         try:
             record = self.table.store.load_snapshot(stream_id, name)
         except CorruptCheckpoint as e:
-            raise EngineError("DATA_LOSS", f"snapshot {name!r} of stream {stream_id!r} is damaged: {e}") from None
+            raise EngineError("DATA_LOSS", f"snapshot {shown(name)} of stream {shown(stream_id)} is damaged or was "
+                                            f"refused: {e}") from None
+        except OSError as e:  # gone or unreadable: the cause, never the server's path
+            raise storage_error(e, f"snapshot {shown(name)} of stream {shown(stream_id)} could not be read") from None
         self.table.roll_back(stream, record)
         return self._info(stream)
 
@@ -78,12 +81,12 @@ class Control:
         predictions = self.table.predictions
         entry = predictions.pop(request_id, None)
         if entry is None:
-            raise EngineError("NOT_FOUND", f"request id {request_id!r} is unknown, already has feedback, or is older "
+            raise EngineError("NOT_FOUND", f"request id {shown(request_id)} is unknown, already has feedback, or is older "
                                            f"than the last {REMEMBERED_REQUESTS} requests")
         stream_id, policy, predicted = entry
         if len(labels) != len(predicted):
             predictions[request_id] = entry  # keep it: the caller can retry with the right labels
-            raise EngineError("INVALID_ARGUMENT", f"request {request_id!r} had {len(predicted)} samples; "
+            raise EngineError("INVALID_ARGUMENT", f"request {shown(request_id)} had {len(predicted)} samples; "
                                                   f"send one label per sample, got {len(labels)}")
         bad = [v for v in labels if not 0 <= v < self.model.num_classes]
         if bad:
@@ -99,9 +102,10 @@ class Control:
         return {"stream_id": stream_id, "policy": policy, "correct": correct, "total": len(labels),
                 "stream_accuracy": accuracy}
 
-    def checkpoint_all(self) -> int:
-        """At shutdown: every owed update applied, every stream saved (with a state dir)."""
+    def checkpoint_all(self) -> tuple[int, list[str]]:
+        """At shutdown: every owed update applied, every stream saved (with a state dir); returns
+        (streams saved, ids of those that could not be)."""
         for stream in self.table.streams.values():
             if stream.resident:
                 self.table.learn_owed(stream)
-        return self.table.checkpoint(changed_only=False, reason="shutdown") if self.table.persistent else 0
+        return self.table.checkpoint(changed_only=False, reason="shutdown") if self.table.persistent else (0, [])

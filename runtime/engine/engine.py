@@ -26,11 +26,11 @@ import time
 import numpy as np
 import torch
 
-from runtime.checkpoints import StateStore
+from runtime.checkpoints import REASONS, StateStore
 from runtime.engine.batches import Batch, Batches, InferResult
 from runtime.engine.control import Control
 from runtime.engine.errors import EngineError, check_stream_id
-from runtime.engine.jobs import Job, Jobs
+from runtime.engine.jobs import STOP, Job, Jobs
 from runtime.engine.policies import Policies
 from runtime.engine.table import StreamTable
 from runtime.guard import GuardConfig
@@ -44,7 +44,8 @@ class Engine:
     def __init__(self, model: LoadedModel, metrics: Metrics | None = None, state_dir: str | None = None,
                  max_streams: int = 1024, memory_budget_bytes: int = 2 << 30, max_queue: int = 256,
                  guard: GuardConfig | None = None, max_stream_queue: int = 64,
-                 checkpoint_interval: float = 0.0, max_group: int | None = None):
+                 checkpoint_interval: float = 0.0, max_group: int | None = None, max_queue_wait: float = 0.0,
+                 stream_ttl: float = 0.0, state_key: bytes | None = None):
         self.model = model
         self.metrics = metrics or Metrics(model.name, model.tracked_streams)
         self.max_streams, self.memory_budget = max_streams, memory_budget_bytes
@@ -55,15 +56,24 @@ class Engine:
         # periodic checkpoints of changed streams (with a state dir); 0 = only at eviction and shutdown
         self.checkpoint_interval = checkpoint_interval if state_dir else 0.0
         self._last_checkpoint = time.monotonic()
+        # idle streams beyond this many seconds are forgotten (0: never): checked at start (streams
+        # restored idle since their checkpoint), then every tenth of it
+        self.stream_ttl = stream_ttl
+        self._last_expiry = float("-inf")
         self.persistent = state_dir is not None
         self._tmp_dir = None if state_dir else tempfile.mkdtemp(prefix="tta-state-")
-        self.store = StateStore(state_dir or self._tmp_dir)
+        # state_key: every state file is signed with it (HMAC) and verified; None: SHA-256 only
+        rejected = self.metrics.state_files_rejected
+        for reason in REASONS:  # every series exists from the start, at 0
+            rejected.labels(model.name, reason)
+        self.store = StateStore(state_dir or self._tmp_dir, key=state_key, model_fingerprint=model.fingerprint,
+                                on_reject=lambda reason: rejected.labels(model.name, reason).inc())
         self.policies = Policies(model)
         self.table = StreamTable(model, self.policies, self.metrics, self.store, self.persistent, max_streams,
                                  memory_budget_bytes, guard or GuardConfig())
         self.batches = Batches(model, self.table, self.metrics)
         self.control = Control(model, self.table, self.policies, self.metrics)
-        self.jobs = Jobs(max_queue, max_stream_queue, self.metrics)
+        self.jobs = Jobs(max_queue, max_stream_queue, self.metrics, max_queue_wait)
         self._request_ids = itertools.count(1)
         self.metrics.memory_budget.labels(model.name).set(memory_budget_bytes)
         self.metrics.stream_limit.labels(model.name).set(max_streams)
@@ -72,46 +82,46 @@ class Engine:
 
     # ------------------------------------------------------------------ typed async API (event loop)
     def enqueue_infer(self, stream_id: str | None, x: np.ndarray, request_id: str = "", start: bool = False,
-                      end: bool = False) -> "asyncio.Future[InferResult]":  # noqa: F821
+                      end: bool = False, deadline: float | None = None) -> "asyncio.Future[InferResult]":  # noqa: F821
         """Queue one batch (float32 NCHW in [0, 1]) of a stream; the future resolves to its
         InferResult as soon as it is predicted (its update follows later). Batches of a stream
         are served in the order they were queued. `start`: reset the stream to the source state
         first; `end`: afterwards, checkpoint the stream and release its memory (Triton's
-        sequence_start / sequence_end)."""
+        sequence_start / sequence_end). `deadline` (time.monotonic()): past it, the batch is
+        answered DEADLINE_EXCEEDED instead of being run."""
         batch = Batch(check_stream_id(stream_id), x, request_id or f"req-{next(self._request_ids)}",
                       time.monotonic(), start, end)
-        return self.jobs.submit(lambda: self._predict(batch), batch.stream_id, batch)
+        return self.jobs.submit(lambda: self._predict(batch), batch.stream_id, batch, deadline)
 
     async def infer(self, stream_id: str | None, x: np.ndarray, request_id: str = "", start: bool = False,
-                    end: bool = False) -> InferResult:
-        return await self.enqueue_infer(stream_id, x, request_id, start, end)
+                    end: bool = False, deadline: float | None = None) -> InferResult:
+        return await self.enqueue_infer(stream_id, x, request_id, start, end, deadline)
+
+    async def _on_stream(self, stream_id: str, operation):
+        """Run a control operation of one stream on the worker, in order with its batches."""
+        stream_id = check_stream_id(stream_id)
+        return await self.jobs.submit(lambda: operation(stream_id), stream_id)
 
     async def set_policy(self, stream_id: str, policy: str, hyperparameters: dict[str, str]) -> dict:
-        stream_id = check_stream_id(stream_id)
-        return await self.jobs.submit(lambda: self.control.set_policy(stream_id, policy, hyperparameters))
+        return await self._on_stream(stream_id, lambda s: self.control.set_policy(s, policy, hyperparameters))
 
     async def get_stream(self, stream_id: str) -> dict:
-        stream_id = check_stream_id(stream_id)
-        return await self.jobs.submit(lambda: self.control.get(stream_id))
+        return await self._on_stream(stream_id, self.control.get)
 
     async def list_streams(self) -> list[dict]:
         return await self.jobs.submit(self.control.list)
 
     async def reset_stream(self, stream_id: str) -> dict:
-        stream_id = check_stream_id(stream_id)
-        return await self.jobs.submit(lambda: self.control.reset(stream_id))
+        return await self._on_stream(stream_id, self.control.reset)
 
     async def delete_stream(self, stream_id: str) -> dict:
-        stream_id = check_stream_id(stream_id)
-        return await self.jobs.submit(lambda: self.control.delete(stream_id))
+        return await self._on_stream(stream_id, self.control.delete)
 
     async def snapshot(self, stream_id: str, name: str = "") -> tuple[str, dict]:
-        stream_id = check_stream_id(stream_id)
-        return await self.jobs.submit(lambda: self.control.snapshot(stream_id, name))
+        return await self._on_stream(stream_id, lambda s: self.control.snapshot(s, name))
 
     async def rollback(self, stream_id: str, name: str = "") -> dict:
-        stream_id = check_stream_id(stream_id)
-        return await self.jobs.submit(lambda: self.control.rollback(stream_id, name))
+        return await self._on_stream(stream_id, lambda s: self.control.rollback(s, name))
 
     async def feedback(self, request_id: str, labels: list[int]) -> dict:
         if not request_id:
@@ -138,10 +148,15 @@ class Engine:
         """Wait until every accepted batch has been answered (or `timeout` passes)."""
         return await self.jobs.wait_idle(timeout)
 
-    async def drain_and_checkpoint(self) -> int:
+    async def drain_and_checkpoint(self) -> tuple[int, list[str]]:
         """Finish queued work and owed updates, then (with a state dir) save every stream and stop
-        the worker. Returns the number of streams saved."""
+        the worker. Returns (streams saved, ids of the streams that could not be saved)."""
         return await self.jobs.finish(self.control.checkpoint_all)
+
+    @property
+    def durable(self) -> bool:
+        """The last write to the state dir succeeded."""
+        return self.table.durable
 
     def close(self) -> None:
         """Stop the worker (without checkpointing) and remove a temporary state dir."""
@@ -154,33 +169,35 @@ class Engine:
         torch.set_grad_enabled(True)
         while True:
             self._maybe_checkpoint()
-            try:  # wake up for the next periodic checkpoint even when no request comes
-                job = self.jobs.take(wait=not self.table.any_owed(), timeout=self.checkpoint_interval or None)
+            self._maybe_expire()
+            try:  # wake up for the next periodic checkpoint or expiry even when no request comes
+                job = self.jobs.take(wait=not self.table.any_owed(), timeout=self._tick())
             except queue.Empty:
                 try:
                     self.table.learn_one_owed()  # nothing waiting: apply an owed update now
                 except Exception:  # noqa: BLE001 - a failing update must not stop the engine
                     log.exception("adaptation update failed")
                 continue
-            if job is None:
+            if job is STOP:
                 return
-            if job.cancelled():
-                continue  # the client gave up (deadline, cancel) before its turn: leave the stream untouched
+            started = time.monotonic()
             group = self._gather_group(job) if job.batch is not None and self.max_group > 1 else None
             if group is None:
                 self._run(job)
-                continue
-            answers = self.batches.predict_group([j.batch for j in group])
-            if answers is None:
-                for j in group:
-                    self._run(j)
-                continue
-            for j, (result, error) in zip(group, answers):
-                j.resolve(result, None if error is None else _internal(error))
+            else:
+                answers = self.batches.predict_group([j.batch for j in group])
+                if answers is None:
+                    for j in group:
+                        self._run(j)
+                else:
+                    for j, (result, error) in zip(group, answers):
+                        j.resolve(result, None if error is None else _internal(error))
+            if job.batch is not None:
+                self.jobs.ran((time.monotonic() - started) / (len(group) if group else 1))
 
     def _predict(self, batch: Batch) -> InferResult:
         if batch.end:  # after this reply (and this batch's update): to disk, out of memory
-            self.jobs.later(lambda: self.table.release(batch.stream_id))
+            self.jobs.later(lambda: self.table.release(batch.stream_id), batch.stream_id)
         return self.batches.predict(batch)
 
     @staticmethod
@@ -212,15 +229,27 @@ class Engine:
             streams.add(job.batch.stream_id)
         return group if len(group) > 1 else None
 
+    def _tick(self) -> float | None:
+        ticks = [t for t in (self.checkpoint_interval, self.stream_ttl / 10) if t]
+        return min(ticks) if ticks else None
+
+    def _maybe_expire(self) -> None:
+        if self.stream_ttl and time.monotonic() - self._last_expiry >= self.stream_ttl / 10:
+            self._last_expiry = time.monotonic()
+            self.table.expire_idle(self.stream_ttl, self.jobs.has_queued)
+
     def _maybe_checkpoint(self) -> None:
         if self.checkpoint_interval and time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
-            try:
+            try:  # streams that could not be saved are logged and counted there, and saved next time
                 self.table.checkpoint(changed_only=True, reason="periodic")
-            except Exception:  # noqa: BLE001 - a full disk must not stop serving; it is counted and logged
+            except Exception:  # noqa: BLE001 - a bug in a checkpoint must not stop serving
                 log.exception("periodic checkpoint failed")
                 self.metrics.checkpoint_failures.labels(self.model.name).inc()
             self._last_checkpoint = time.monotonic()
 
 
 def _internal(error: Exception) -> EngineError:
-    return error if isinstance(error, EngineError) else EngineError("INTERNAL", f"{type(error).__name__}: {error}")
+    if isinstance(error, EngineError):
+        return error
+    why = error.strerror if isinstance(error, OSError) and error.strerror else error  # no server paths
+    return EngineError("INTERNAL", f"{type(error).__name__}: {why} (the server log has the details)")

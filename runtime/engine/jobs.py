@@ -2,8 +2,22 @@
 thread, the queue limits, and the futures through which the worker answers.
 
 Only this module touches both sides: the event loop submits jobs and awaits their futures; the
-worker takes jobs in arrival order and resolves each future thread-safely. Whatever runs inside a
-job (torch, streams, files) is the rest of the engine's business.
+worker takes jobs and resolves each future thread-safely. Whatever runs inside a job (torch,
+streams, files) is the rest of the engine's business.
+
+Order: a stream's jobs (its batches and its control operations) run in the order they were
+submitted; across streams the worker takes them round-robin, one job per stream in turn, so one
+busy stream cannot make the others wait behind its backlog. A job of no stream (listing every
+stream, the final checkpoint, stopping) is a barrier: it runs after everything submitted before
+it and before everything submitted after it.
+
+Admission: at most `max_queue` batches wait in all and `max_stream_queue` per stream, and a
+batch that would wait longer than `max_wait` seconds or than its own deadline allows (the
+measured time per job times the batches ahead of it) is refused at once. A stream refused for a
+full queue in the last REFUSED_MEMORY seconds may take one of max_queue / 4 extra places when it
+comes back, so closed-loop clients that resend the moment they get a reply cannot keep it out
+(the extra places never stay empty waiting for it). A batch whose client deadline passed while
+it waited is answered DEADLINE_EXCEEDED without running.
 """
 from __future__ import annotations
 
@@ -12,11 +26,14 @@ import collections
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from runtime.engine.errors import EngineError
+from runtime.engine.errors import EngineError, shown
 from runtime.metrics import Metrics
+
+STOP = object()  # the job that ends the worker loop
+REFUSED_MEMORY = 5.0  # seconds a stream refused for a full queue keeps its claim on an extra place
 
 
 @dataclass
@@ -25,9 +42,15 @@ class Job:
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
     batch: Any = None  # an inference batch (engine.batches.Batch), so the worker can group batches
+    stream_id: str | None = None  # None: a barrier (see the module docstring)
+    deadline: float | None = None  # time.monotonic() after which nobody waits for the answer
+    submitted: float = field(default_factory=time.monotonic)
 
     def cancelled(self) -> bool:
         return self.future is not None and self.future.cancelled()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
 
     def resolve(self, result=None, error: Exception | None = None) -> None:
         """Answer the job's awaiting coroutine from the worker thread (no-op without a future)."""
@@ -44,45 +67,93 @@ def _resolve(future: asyncio.Future, result, error) -> None:
         future.set_result(result)
 
 
-class Jobs:
-    """A FIFO of jobs served by one worker thread, with the backpressure limits of batches: at
-    most `max_queue` batches waiting in all and `max_stream_queue` per stream."""
+class _Round:
+    """Jobs submitted between two barriers: a FIFO per stream, served round-robin, then the barrier."""
 
-    def __init__(self, max_queue: int, max_stream_queue: int, metrics: Metrics):
-        self.max_queue, self.max_stream_queue = max_queue, max_stream_queue
+    def __init__(self):
+        self.streams: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
+        self.barrier: Job | object | None = None
+
+    def add(self, job: Job) -> None:
+        self.streams.setdefault(job.stream_id, collections.deque()).append(job)
+
+    def pop_next(self, matches: Callable[[Job], bool] | None = None) -> Job | None:
+        """The head job of the next stream in turn (of the first whose head matches, if given)."""
+        for stream_id, jobs in self.streams.items():
+            if matches is not None and not matches(jobs[0]):
+                continue
+            job = jobs.popleft()
+            del self.streams[stream_id]
+            if jobs:
+                self.streams[stream_id] = jobs  # to the back of the round
+            return job
+        return None
+
+
+class Jobs:
+    def __init__(self, max_queue: int, max_stream_queue: int, metrics: Metrics, max_wait: float = 0.0):
+        self.max_queue, self.max_stream_queue, self.max_wait = max_queue, max_stream_queue, max_wait
         self.metrics = metrics
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._backlog: collections.deque[Job | None] = collections.deque()  # taken off the queue, not yet run
+        self._rounds: collections.deque[_Round] = collections.deque([_Round()])
+        self._ready = threading.Condition()
         self._stream_queued: collections.Counter[str] = collections.Counter()  # event-loop side
+        # streams refused for a full queue lately -> when: the room that frees up goes to them first
+        self._refused: collections.OrderedDict[str, float] = collections.OrderedDict()
         self.queued = 0  # batches submitted and not yet answered (event-loop side)
+        self.seconds_per_job = 0.0  # moving average of the time a batch job takes (worker side)
         self._accepting = True
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ event-loop side
-    def submit(self, fn: Callable[[], Any], stream_id: str | None = None, batch: Any = None) -> asyncio.Future:
-        """Queue a job now (so callers control the order) and return its future. `stream_id`: the
-        job is a batch of that stream, counted against the queue limits."""
+    def submit(self, fn: Callable[[], Any], stream_id: str | None = None, batch: Any = None,
+               deadline: float | None = None) -> asyncio.Future:
+        """Queue a job now (so callers control the order) and return its future. With `batch`, the
+        job is a batch of `stream_id`, counted against the queue limits."""
         if not self._accepting:
             raise EngineError("UNAVAILABLE", "the server is shutting down; retry on another replica")
-        if stream_id is not None:
-            if self.queued >= self.max_queue:
-                self.metrics.rejected.labels(self.metrics.model, "global_queue").inc()
-                raise EngineError("RESOURCE_EXHAUSTED", f"the engine queue is full ({self.max_queue} batches "
-                                                        f"waiting); retry later or raise --max-queue")
-            if self._stream_queued[stream_id] >= self.max_stream_queue:
-                self.metrics.rejected.labels(self.metrics.model, "stream_queue").inc()
-                raise EngineError("RESOURCE_EXHAUSTED", f"stream {stream_id!r} already has {self.max_stream_queue} "
-                                                        f"batches waiting; wait for replies before sending more, or "
-                                                        f"raise --max-stream-queue")
+        if batch is not None:
+            self._admit(stream_id, deadline)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        if stream_id is not None:
+        if batch is not None:
             self.queued += 1
             self._stream_queued[stream_id] += 1
-            self.metrics.queue_depth.labels(self.metrics.model).set(self.queued)
+            self._depth()
             future.add_done_callback(lambda f: self._batch_done(f, stream_id))
-        self._queue.put(Job(fn, future, loop, batch))
+        self._put(Job(fn, future, loop, batch, stream_id, deadline))
         return future
+
+    def _admit(self, stream_id: str, deadline: float | None) -> None:
+        name = self.metrics.model
+        now = time.monotonic()
+        while self._refused and next(iter(self._refused.values())) < now - REFUSED_MEMORY:
+            self._refused.popitem(last=False)
+        # a stream refused lately may take one of the extra places beyond the limit when it comes
+        # back, so that clients that resend the moment they get a reply cannot keep it out for good
+        limit = self.max_queue + (self.max_queue // 4 if stream_id in self._refused else 0)
+        if self.queued >= limit:
+            self._refused.setdefault(stream_id, now)
+            while len(self._refused) > self.max_queue:
+                self._refused.popitem(last=False)
+            self.metrics.rejected.labels(name, "global_queue").inc()
+            raise EngineError("RESOURCE_EXHAUSTED", f"the engine queue is full ({self.max_queue} batches "
+                                                    f"waiting); retry later (with backoff) or raise --max-queue")
+        if self._stream_queued[stream_id] >= self.max_stream_queue:
+            self.metrics.rejected.labels(name, "stream_queue").inc()
+            raise EngineError("RESOURCE_EXHAUSTED", f"stream {shown(stream_id)} already has {self.max_stream_queue} "
+                                                    f"batches waiting; wait for replies before sending more, or "
+                                                    f"raise --max-stream-queue")
+        wait = self.queued * self.seconds_per_job
+        if self.max_wait and wait > self.max_wait:
+            self.metrics.rejected.labels(name, "wait").inc()
+            raise EngineError("RESOURCE_EXHAUSTED", f"the engine is about {wait:.1f} s behind (more than "
+                                                    f"--max-queue-wait {self.max_wait:g} s); retry later")
+        left = None if deadline is None else deadline - now
+        if left is not None and wait > left:  # it would miss its deadline: say so now, run nothing
+            self.metrics.rejected.labels(name, "wait").inc()
+            raise EngineError("RESOURCE_EXHAUSTED", f"the engine is about {wait:.1f} s behind, past this "
+                                                    f"request's deadline in {max(left, 0):.1f} s; retry later")
+        self._refused.pop(stream_id, None)
 
     def _batch_done(self, future: asyncio.Future, stream_id: str) -> None:
         if not future.cancelled():
@@ -91,6 +162,9 @@ class Jobs:
         self._stream_queued[stream_id] -= 1
         if self._stream_queued[stream_id] <= 0:
             del self._stream_queued[stream_id]
+        self._depth()
+
+    def _depth(self) -> None:
         self.metrics.queue_depth.labels(self.metrics.model).set(self.queued)
 
     def stop_accepting(self) -> None:
@@ -104,14 +178,24 @@ class Jobs:
         return self.queued == 0
 
     async def finish(self, fn: Callable[[], Any]):
-        """Run `fn` as the last job (after everything queued), then stop the worker; its result."""
+        """Run `fn` after everything queued, then stop the worker; fn's result."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(Job(fn, future, loop))
+        self._put(Job(fn, future, loop))
         result = await future
-        self._queue.put(None)
+        self._put(STOP)
         await asyncio.to_thread(self._thread.join, 30)
         return result
+
+    # ------------------------------------------------------------------ both sides
+    def _put(self, job) -> None:
+        with self._ready:
+            if job is STOP or job.stream_id is None:  # a barrier closes the round
+                self._rounds[-1].barrier = job
+                self._rounds.append(_Round())
+            else:
+                self._rounds[-1].add(job)
+            self._ready.notify()
 
     # ------------------------------------------------------------------ worker side
     def start(self, worker: Callable[[], None]) -> None:
@@ -121,33 +205,68 @@ class Jobs:
     def stop(self) -> None:
         """Stop the worker after the jobs already queued (nothing more is saved)."""
         if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
+            self._put(STOP)
             self._thread.join(30)
 
-    def later(self, fn: Callable[[], Any]) -> None:
-        """A job of the worker's own, after what is queued now; nobody awaits it."""
-        self._queue.put(Job(fn))
+    def later(self, fn: Callable[[], Any], stream_id: str) -> None:
+        """A job of the worker's own for a stream, after that stream's jobs queued now; nobody awaits it."""
+        self._put(Job(fn, stream_id=stream_id))
 
-    def take(self, wait: bool, timeout: float | None) -> Job | None:
-        """The next job: the backlog first, then the queue (waiting up to `timeout` when `wait`).
-        None means stop; raises queue.Empty when there is nothing."""
-        if self._backlog:
-            return self._backlog.popleft()
-        if not wait:
-            return self._queue.get_nowait()
-        return self._queue.get(timeout=timeout)
+    def _pop(self, matches: Callable[[Job], bool] | None = None):
+        """Under the lock: the next runnable job, STOP, or None when nothing is runnable now."""
+        while True:
+            current = self._rounds[0]
+            job = current.pop_next(matches)
+            if job is not None:
+                return job
+            if current.streams:  # jobs left, none matching
+                return None
+            if current.barrier is None:  # the open round, empty
+                return None
+            if matches is not None:  # never group across a barrier
+                return None
+            self._rounds.popleft()
+            return current.barrier
+
+    def take(self, wait: bool, timeout: float | None):
+        """The next job (STOP ends the worker); cancelled jobs are skipped and expired ones
+        answered DEADLINE_EXCEEDED. Raises queue.Empty when nothing comes (at once if not `wait`)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        with self._ready:
+            while True:
+                job = self._pop()
+                if job is None:
+                    remaining = None if end is None else end - time.monotonic()
+                    if not wait or (remaining is not None and remaining <= 0):
+                        raise queue.Empty
+                    self._ready.wait(remaining)
+                    continue
+                if job is STOP or self._runnable(job):
+                    return job
+
+    def has_queued(self, stream_id: str) -> bool:
+        """Some job of this stream waits (worker side)."""
+        with self._ready:
+            return any(stream_id in r.streams for r in self._rounds)
 
     def take_next_if(self, matches: Callable[[Job], bool]) -> Job | None:
-        """The next queued job if it matches (skipping cancelled ones), else None and it stays
-        next in line: so grouping never reorders jobs."""
-        while True:
-            try:
-                job = self.take(wait=False, timeout=None)
-            except queue.Empty:
-                return None
-            if job is not None and job.cancelled():
-                continue
-            if job is None or not matches(job):
-                self._backlog.appendleft(job)
-                return None
-            return job
+        """A queued job of another stream in this round that can join a group, or None."""
+        with self._ready:
+            while (job := self._pop(matches)) is not None:
+                if self._runnable(job):
+                    return job
+            return None
+
+    def _runnable(self, job: Job) -> bool:
+        if job.cancelled():
+            return False  # the client gave up before its turn: leave the stream untouched
+        if job.expired(time.monotonic()):
+            self.metrics.rejected.labels(self.metrics.model, "deadline").inc()
+            job.resolve(error=EngineError("DEADLINE_EXCEEDED", "the request's deadline passed while it waited "
+                                                               "for the engine; it was not run"))
+            return False
+        return True
+
+    def ran(self, seconds: float) -> None:
+        """A batch job took this long: the admission estimate follows it."""
+        self.seconds_per_job = seconds if not self.seconds_per_job else 0.9 * self.seconds_per_job + 0.1 * seconds

@@ -3,7 +3,7 @@ building its adapter, and describing them for ListPolicies."""
 from __future__ import annotations
 
 import adapters
-from runtime.engine.errors import EngineError
+from runtime.engine.errors import EngineError, shown
 from runtime.model_config import LoadedModel
 
 WIRE_FORBIDDEN = {"generator", "augment", "prototypes"}  # objects, not settable over the wire
@@ -16,7 +16,7 @@ class Policies:
     def build(self, policy: str, hyperparameters: dict[str, str]):
         """Validate a policy and build its adapter; None means the frozen (ONNX/TorchScript) path."""
         if policy not in adapters.available():
-            raise EngineError("INVALID_ARGUMENT", f"unknown policy {policy!r}; available: "
+            raise EngineError("INVALID_ARGUMENT", f"unknown policy {shown(policy)}; available: "
                                                   f"{', '.join(adapters.available())}")
         forbidden = sorted(set(hyperparameters) & WIRE_FORBIDDEN)
         if forbidden:
@@ -39,7 +39,7 @@ class Policies:
                 typed["prototypes"] = model.prototypes
             return adapters.create(policy, model.module, **typed)
         except ValueError as e:
-            raise EngineError("INVALID_ARGUMENT", f"policy {policy!r}: {e}") from None
+            raise EngineError("INVALID_ARGUMENT", f"policy {shown(policy)}: {e}") from None
 
     def describe(self) -> tuple[list[dict], list[str]]:
         """Every policy (hyperparameters settable over the wire only) and those this model supports."""

@@ -63,6 +63,13 @@ class Stream:
         """An update is owed for its last predicted batch."""
         return self.adapter is not None and self.adapter.pending
 
+    @property
+    def held_bytes(self) -> int:
+        """What it holds in memory now, as the memory budget counts it: its state (twice for a
+        guarded stream) plus what its owed update holds (the saved activations of its last
+        batch, `adapter.pending_bytes`; 0 once the update is applied)."""
+        return self.state_bytes + (self.adapter.pending_bytes if self.adapter is not None else 0)
+
     def counters(self) -> dict:
         return {k: getattr(self, k) for k in self.COUNTERS}
 

@@ -6,13 +6,14 @@ checkpoints, and remembers recent predictions for feedback.
 from __future__ import annotations
 
 import collections
+import errno
 import logging
 import time
 
 import numpy as np
 
 from runtime.checkpoints import CorruptCheckpoint, StateStore
-from runtime.engine.errors import EngineError
+from runtime.engine.errors import EngineError, shown
 from runtime.engine.policies import Policies
 from runtime.engine.stream import Stream
 from runtime.guard import GuardConfig
@@ -24,6 +25,16 @@ log = logging.getLogger("tta.engine")
 REMEMBERED_REQUESTS = 65536  # predictions kept for feedback
 
 
+def storage_error(e: OSError, doing: str) -> EngineError:
+    """A failed read or write of the state dir, as a client should hear it (no server paths): a
+    full disk is RESOURCE_EXHAUSTED, anything else (read-only, I/O error, permissions) UNAVAILABLE."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    why = e.strerror or type(e).__name__
+    return EngineError("RESOURCE_EXHAUSTED" if full else "UNAVAILABLE",
+                       f"{doing}: the state directory {'is full' if full else 'cannot be used'} ({why}); "
+                       f"{'free space' if full else 'fix the volume'} and retry")
+
+
 class StreamTable:
     def __init__(self, model: LoadedModel, policies: Policies, metrics: Metrics, store: StateStore,
                  persistent: bool, max_streams: int, memory_budget: int, guard: GuardConfig):
@@ -31,6 +42,8 @@ class StreamTable:
         self.persistent, self.max_streams, self.memory_budget = persistent, max_streams, memory_budget
         self.guard = guard
         self.streams: collections.OrderedDict[str, Stream] = collections.OrderedDict()  # LRU order
+        self.durable = True  # the last write to the state dir succeeded (tta_state_durable, health "tta.state")
+        self.metrics.durable.labels(model.name).set(1)
         # request id -> (stream id, policy, predicted classes), for feedback
         self.predictions: collections.OrderedDict[str, tuple[str, str, np.ndarray]] = collections.OrderedDict()
 
@@ -58,11 +71,18 @@ class StreamTable:
             # a silently fresh model
             log.error("the saved state of stream %r is unreadable: %s", stream_id, e)
             return Stream(id=stream_id, policy=self.model.default_policy, hyperparameters={}, resident=False,
-                          damaged=str(e))
+                          # the client hears no server path: CorruptCheckpoint names the file relative to the state dir
+                          damaged=str(e) if isinstance(e, CorruptCheckpoint) else getattr(e, "strerror", None) or
+                          type(e).__name__)
         stream = Stream(id=stream_id, policy=record["policy"], hyperparameters=record["hyperparameters"],
                         resident=False, saved_step=int(record.get("step", 0)))
         stream.restore_counters(record)
         stream.snapshots = self.store.snapshots(stream_id)
+        try:  # idle since its checkpoint was written, so --stream-ttl counts across restarts
+            idle = max(0.0, time.time() - self.store.stream_path(stream_id).stat().st_mtime)
+            stream.last_used = time.monotonic() - idle
+        except OSError:
+            pass
         return stream
 
     def get(self, stream_id: str, create: bool = True, load: bool = True) -> Stream:
@@ -78,7 +98,7 @@ class StreamTable:
                 log.info("resuming stream %r from %s", stream_id, self.store.root)
         if stream is None:
             if not create:
-                raise EngineError("NOT_FOUND", f"stream {stream_id!r} does not exist (streams are created by their "
+                raise EngineError("NOT_FOUND", f"stream {shown(stream_id)} does not exist (streams are created by their "
                                                f"first inference request or SetPolicy)")
             self._check_room(stream_id)
             stream = Stream(id=stream_id, policy=self.model.default_policy,
@@ -133,14 +153,36 @@ class StreamTable:
         self.enforce_memory_budget(keep=stream.id)
 
     def delete(self, stream: Stream) -> None:
-        """Forget the stream: memory, disk, snapshots, its predictions awaiting feedback."""
+        """Forget the stream: memory, disk, snapshots, its predictions awaiting feedback. If its
+        files cannot be removed, nothing is forgotten and the error says so (it would come back)."""
+        try:
+            self._write(lambda: self.store.delete_stream(stream.id))
+        except OSError as e:
+            raise storage_error(e, f"stream {shown(stream.id)} was not deleted") from None
         del self.streams[stream.id]
-        self.store.delete_stream(stream.id)
         self.predictions = collections.OrderedDict((k, v) for k, v in self.predictions.items() if v[0] != stream.id)
         self.update_gauges()
 
+    def expire_idle(self, ttl: float, busy) -> list[str]:
+        """Forget (as DeleteStream does) the streams idle for more than `ttl` seconds that have no
+        job queued (`busy(stream_id)`); their ids."""
+        now, expired = time.monotonic(), []
+        for stream in list(self.streams.values()):
+            if now - stream.last_used > ttl and not busy(stream.id):
+                try:
+                    self.delete(stream)
+                except EngineError as e:
+                    log.warning("idle stream %r could not expire: %s", stream.id, e.message)
+                    continue
+                expired.append(stream.id)
+        if expired:
+            self.metrics.expired.labels(self.model.name).inc(len(expired))
+            log.info("%d streams idle for more than %g s expired: %s", len(expired), ttl,
+                     ", ".join(repr(s) for s in expired[:10]) + (" ..." if len(expired) > 10 else ""))
+        return expired
+
     def release(self, stream_id: str) -> None:
-        """To disk and out of memory (Triton's sequence_end)."""
+        """To disk and out of memory (Triton's sequence_end); kept in memory if it cannot be saved."""
         stream = self.streams.get(stream_id)
         if stream is not None and stream.resident:
             self._evict(stream)
@@ -153,40 +195,65 @@ class StreamTable:
         except CorruptCheckpoint as e:
             stream.damaged = str(e)
             raise self._data_loss(stream) from None
+        except OSError as e:
+            raise storage_error(e, f"stream {shown(stream.id)} could not be loaded back") from None
         self.apply_record(stream, record)
         self.metrics.restores.labels(self.model.name, "disk").inc()
         self.update_gauges()
 
     @staticmethod
     def _data_loss(stream: Stream) -> EngineError:
-        return EngineError("DATA_LOSS", f"the saved state of stream {stream.id!r} is damaged and has no intact "
-                                        f"previous checkpoint ({stream.damaged}); the file was set aside. Delete "
+        return EngineError("DATA_LOSS", f"the saved state of stream {shown(stream.id)} is damaged or was refused "
+                                        f"and has no intact previous checkpoint ({stream.damaged}); the file was set aside. Delete "
                                         f"the stream (tta ctl delete) or set its policy to start it over from the "
                                         f"source model")
 
-    def _evict(self, stream: Stream) -> None:
+    def _evict(self, stream: Stream) -> bool:
+        """Save the stream and drop it from memory; False (and it stays) if it cannot be saved."""
         self.learn_owed(stream)
-        self._save(stream, "eviction")
+        try:
+            self._save(stream, "eviction")
+        except OSError as e:
+            log.warning("stream %r stays in memory: it cannot be saved (%s)", stream.id, e.strerror or e)
+            return False
         stream.evicted()
         self.metrics.evictions.labels(self.model.name).inc()
+        return True
+
+    def resident_bytes(self) -> int:
+        """What the resident streams hold now: state, guard copies and owed updates' activations."""
+        return sum(s.held_bytes for s in self.streams.values() if s.resident)
 
     def enforce_memory_budget(self, keep: str) -> None:
-        used = sum(s.state_bytes for s in self.streams.values() if s.resident)
+        """Bring what the resident streams hold within the budget: first apply owed updates
+        (least recently used first; each frees its batch's activations, and a stream's next batch
+        would apply it first anyway, so no stream's batches change order), then evict the least
+        recently used streams to disk (never `keep`, the stream being served)."""
+        used = self.resident_bytes()
+        if used > self.memory_budget:
+            for stream in list(self.streams.values()):  # least recently used first
+                if used <= self.memory_budget:
+                    break
+                if stream.resident and stream.pending:
+                    held = stream.held_bytes
+                    self.learn_owed(stream)
+                    used -= held - stream.held_bytes
         for stream in list(self.streams.values()):  # least recently used first
             if used <= self.memory_budget:
                 break
-            if stream.id == keep or not stream.resident or stream.state_bytes == 0:
+            if stream.id == keep or not stream.resident or stream.held_bytes == 0:
                 continue
-            used -= stream.state_bytes
-            self._evict(stream)
-        self.update_gauges()
+            held = stream.held_bytes
+            self._evict(stream)  # its owed update is applied first, even if it cannot be saved and stays
+            used -= held - stream.held_bytes
+        self.update_gauges(used)
 
-    def update_gauges(self) -> None:
+    def update_gauges(self, resident_bytes: int | None = None) -> None:
         resident = sum(1 for s in self.streams.values() if s.resident)
         self.metrics.streams.labels(self.model.name, "resident").set(resident)
         self.metrics.streams.labels(self.model.name, "evicted").set(len(self.streams) - resident)
         self.metrics.state_bytes.labels(self.model.name).set(
-            sum(s.state_bytes for s in self.streams.values() if s.resident))
+            self.resident_bytes() if resident_bytes is None else resident_bytes)
 
     # ------------------------------------------------------------------ owed updates
     def learn_owed(self, stream: Stream) -> None:
@@ -205,33 +272,65 @@ class StreamTable:
         return any(s.pending for s in self.streams.values())
 
     # ------------------------------------------------------------------ checkpoints
-    def checkpoint(self, changed_only: bool, reason: str) -> int:
+    def checkpoint(self, changed_only: bool, reason: str) -> tuple[int, list[str]]:
         """Save streams (those changed since their last checkpoint, or all resident ones); a
-        stream owed an update gets it first, so the checkpoint holds what every reply led to."""
-        started, saved = time.monotonic(), 0
-        for stream in self.streams.values():
-            if stream.resident and (stream.dirty or not changed_only):
-                self.learn_owed(stream)
-                self._save(stream, reason)
+        stream owed an update gets it first, so the checkpoint holds what every reply led to.
+        Returns (streams saved, ids of the streams that could not be saved): one failing write
+        does not stop the others."""
+        started, saved, failed = time.monotonic(), 0, []
+        for stream in list(self.streams.values()):
+            try:
+                if stream.resident and (stream.dirty or not changed_only):
+                    self.learn_owed(stream)
+                    self._save(stream, reason)
+                elif not stream.resident and stream.dirty:  # feedback counted while its state was on disk
+                    record = self.store.load_stream(stream.id)
+                    record["counters"] = stream.counters()
+                    self._write(lambda: self.store.save_stream(stream.id, record))
+                    stream.dirty = False
+                else:
+                    continue
                 saved += 1
-            elif not stream.resident and stream.dirty:  # feedback counted while its state was on disk
-                record = self.store.load_stream(stream.id)
-                record["counters"] = stream.counters()
-                self.store.save_stream(stream.id, record)
-                stream.dirty = False
-                saved += 1
+            except (OSError, CorruptCheckpoint) as e:
+                failed.append(stream.id)
+                log.error("stream %r was not checkpointed: %s", stream.id, getattr(e, "strerror", None) or e)
         if saved:
             self.metrics.checkpoint_seconds.labels(self.model.name).observe(time.monotonic() - started)
-        return saved
+        if failed:
+            self.metrics.checkpoint_failures.labels(self.model.name).inc()
+        return saved, failed
+
+    def _write(self, write) -> None:
+        """Run a write to the state dir, keeping `durable` (and its gauge) up to date."""
+        try:
+            write()
+        except OSError as e:
+            self._wrote(e)
+            raise
+        self._wrote(None)
+
+    def _wrote(self, error: OSError | None) -> None:
+        durable = error is None
+        if durable != self.durable:
+            self.durable = durable
+            self.metrics.durable.labels(self.model.name).set(int(durable))
+            if durable:
+                log.info("the state directory takes writes again")
+            else:
+                log.error("the state directory cannot be written (%s): adapted state is kept in memory only "
+                          "until it can", error.strerror or error)
 
     def _save(self, stream: Stream, reason: str) -> None:
-        self.store.save_stream(stream.id, stream.record())
+        self._write(lambda: self.store.save_stream(stream.id, stream.record()))
         stream.dirty = False
         self.metrics.checkpoints.labels(self.model.name, reason).inc()
 
     def save_snapshot(self, stream: Stream, name: str) -> None:
         self.learn_owed(stream)
-        self.store.save_snapshot(stream.id, name, stream.record())
+        try:
+            self._write(lambda: self.store.save_snapshot(stream.id, name, stream.record()))
+        except OSError as e:
+            raise storage_error(e, f"snapshot {shown(name)} of stream {shown(stream.id)} was not saved") from None
         if name in stream.snapshots:
             stream.snapshots.remove(name)
         stream.snapshots.append(name)

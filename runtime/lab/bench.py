@@ -335,6 +335,9 @@ def print_tables(result: dict) -> None:
               f"{r['requests']} requests, {r['errors']} errors, {r['requests_per_s']:.1f} req/s "
               f"({r['images_per_s']:.0f} images/s); latency p50 {r.get('p50_ms', math.nan):.1f} ms, "
               f"p99 {r.get('p99_ms', math.nan):.1f} ms, max {r.get('max_ms', math.nan):.1f} ms")
+        print(f"  {r['refused']} refused (backed off, retried), {r['missed_deadline']} missed their "
+              f"{r['client_deadline_s']:g} s deadline; {r['streams_served']}/{r['streams']} streams served, "
+              f"replies per stream: fewest {r['replies_per_stream_min']}, median {r['replies_per_stream_median']:g}")
         for msg in r["error_messages"]:
             print(f"  error: {msg}")
     if result["targets"]:

@@ -47,11 +47,11 @@ class Endpoint:
         inp.set_data_from_numpy(x)
         return [inp]
 
-    def infer(self, x: np.ndarray, stream_id: str):
-        """Unary ModelInfer: (logits, the stream's adaptation step in the reply, the collapse
-        guard's verdict on the batch or '')."""
+    def infer(self, x: np.ndarray, stream_id: str, timeout: float | None = None):
+        """Unary ModelInfer (with a client deadline of `timeout` s): (logits, the stream's
+        adaptation step in the reply, the collapse guard's verdict on the batch or '')."""
         r = self.client.infer(self.model, self._inputs(x), outputs=[self.tc.InferRequestedOutput(self.out_name)],
-                              parameters={"stream_id": stream_id})
+                              parameters={"stream_id": stream_id}, client_timeout=timeout)
         params = r.get_response().parameters
         guard = params["tta_guard"].string_param if "tta_guard" in params else ""
         return r.as_numpy(self.out_name), params["tta_step"].int64_param, guard

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from runtime.engine import Engine, EngineError
+from runtime.engine.errors import shown
 from runtime.model_config import LoadedModel
 from runtime.serving.errors import unary
 from runtime.serving.wire import stream_info, tta_grpc, tta_pb
@@ -15,7 +16,7 @@ class AdaptationService(tta_grpc.AdaptationServiceServicer):
 
     def _check_model(self, request) -> None:
         if getattr(request, "model", "") not in ("", self.model.name):
-            raise EngineError("NOT_FOUND", f"unknown model {request.model!r}; this server serves {self.model.name!r}")
+            raise EngineError("NOT_FOUND", f"unknown model {shown(request.model)}; this server serves {self.model.name!r}")
 
     @unary("ListPolicies")
     async def ListPolicies(self, request, context):

@@ -1,6 +1,10 @@
 """Errors to gRPC statuses, in one place: every failure a handler meets (the engine's, a bad
 input's) becomes a status code and a message, and is counted in the serving metrics together
-with the request itself and, for inference, its duration and ModelStatistics outcome."""
+with the request itself and, for inference, its duration and ModelStatistics outcome.
+
+Requests whose bytes do not parse reach the handlers as `Malformed` (see wire.add_servicer) and
+are answered here too. Every status message is bounded (MAX_MESSAGE): messages echo client
+strings only through `shown`, and this is the last line of defence."""
 from __future__ import annotations
 
 import functools
@@ -12,12 +16,34 @@ from runtime.engine.errors import EngineError
 from runtime.metrics import Metrics
 from runtime.preprocess import InputError
 
+MAX_MESSAGE = 1024  # bytes (UTF-8) of a status message; gRPC drops trailers past 8-16 KB ("Stream removed")
+
+
+class Malformed:
+    """What a handler gets instead of a request whose bytes do not parse as its message."""
+
+    def __init__(self, message_name: str, size: int):
+        self.message_name, self.size = message_name, size
+
+    def error(self) -> EngineError:
+        return EngineError("INVALID_ARGUMENT", f"the request is not a valid {self.message_name} protobuf "
+                                               f"({self.size} byte{'' if self.size == 1 else 's'} that do not parse); send a serialized "
+                                               f"{self.message_name}")
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    """The message, cut to `limit` UTF-8 bytes (noting its full length) if longer."""
+    data = message.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return message
+    return data[:limit - 32].decode("utf-8", "ignore") + f"…(cut, {len(data)} bytes)"
+
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, EngineError):
-        return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL), error.message
+        return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL), bounded(error.message)
     if isinstance(error, InputError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        return grpc.StatusCode.INVALID_ARGUMENT, bounded(str(error))
     raise error  # not ours to translate: a bug, left to grpc (UNKNOWN) and the log
 
 
@@ -58,14 +84,20 @@ class Request:
                 time.monotonic() - self.started)
 
 
-def unary(method: str, inference: bool = False):
+def unary(method: str, inference: bool = False, quiet: bool = False):
     """Decorator of a unary handler `async def Rpc(self, request, context)` of a servicer with
-    `.metrics` (and `.outcomes` for inference): errors become statuses, everything is counted."""
+    `.metrics` (and `.outcomes` for inference): errors become statuses, everything is counted.
+    A Malformed request is answered INVALID_ARGUMENT without calling the handler. `quiet`
+    (probes, server metadata): counted only when refused as Malformed."""
     def decorate(handler):
         @functools.wraps(handler)
         async def wrapper(self, request, context):
+            if quiet and not isinstance(request, Malformed):
+                return await handler(self, request, context)
             account = Request(self.metrics, method, self.outcomes if inference else None)
             try:
+                if isinstance(request, Malformed):
+                    raise request.error()
                 response = await handler(self, request, context)
             except (EngineError, InputError) as e:
                 await context.abort(*account.failed(e))

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 from runtime.engine import Engine, EngineError
 from runtime.model_config import LoadedModel
-from runtime.preprocess import InputError
+from runtime.preprocess import DecodeBudget, InputError
 from runtime.protocol import INPUT_NAME, OUTPUT_NAME, VERSION
 from runtime.serving import wire
-from runtime.serving.errors import Outcomes, Request, unary
+from runtime.serving.errors import Malformed, Outcomes, Request, unary
 from runtime.serving.wire import mc, pb, pb_grpc
 
 EXTENSIONS = ["classification", "model_configuration", "parameters", "sequence", "sequence(string_id)",
@@ -18,16 +19,19 @@ STREAM_WINDOW = 16  # requests of one ModelStreamInfer call read ahead and queue
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, model: LoadedModel, engine: Engine, max_batch: int):
+    def __init__(self, model: LoadedModel, engine: Engine, max_batch: int, decodes: DecodeBudget | None = None):
         self.model, self.engine, self.max_batch = model, engine, max_batch
+        self.decodes = decodes or DecodeBudget()  # pixels decoded per request and by all requests at once
         self.metrics = engine.metrics
         self.ready = True
         self.outcomes = Outcomes()
 
     # --- health and metadata --------------------------------------------------------------
+    @unary("ServerLive", quiet=True)
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
+    @unary("ServerReady", quiet=True)
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.ready)
 
@@ -36,6 +40,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=self.ready and request.name == self.model.name
                                      and request.version in ("", "1"))
 
+    @unary("ServerMetadata", quiet=True)
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="tta-runtime", version=VERSION, extensions=EXTENSIONS)
 
@@ -62,6 +67,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         config.parameters["labels"].string_value = json.dumps(m.labels)
         return pb.ModelConfigResponse(config=config)
 
+    @unary("RepositoryIndex", quiet=True)
     async def RepositoryIndex(self, request, context):
         # one model per server; listing it lets tools discover its name
         state = "READY" if self.ready else "UNAVAILABLE"
@@ -86,12 +92,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def _submit(self, request, context) -> tuple[wire.InferCall, asyncio.Future]:
         """Parse and decode a request and queue it in the engine: (the call, its future)."""
         call = wire.parse_infer(request, context.invocation_metadata(), self.model)
-        if call.decodes_images:  # image decoding and resizing: off the event loop
-            x = await asyncio.get_running_loop().run_in_executor(
-                None, wire.decode_input, request, self.model, self.max_batch)
+        if call.decodes_images:  # image decoding and resizing: off the event loop, within the decode budget
+            with self.decodes.hold(request):
+                x = await asyncio.get_running_loop().run_in_executor(
+                    None, wire.decode_input, request, self.model, self.max_batch)
         else:
             x = wire.decode_input(request, self.model, self.max_batch)
-        return call, self.engine.enqueue_infer(call.stream_id, x, call.request_id, call.start, call.end)
+        remaining = context.time_remaining()  # the client's deadline: past it, the batch is not run
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        return call, self.engine.enqueue_infer(call.stream_id, x, call.request_id, call.start, call.end, deadline)
 
     @unary("ModelInfer", inference=True)
     async def ModelInfer(self, request, context):
@@ -112,6 +121,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 async for request in request_iterator:
                     account = Request(self.metrics, "ModelStreamInfer", self.outcomes)
                     try:
+                        if isinstance(request, Malformed):  # bytes that do not parse: this message fails alone
+                            raise request.error()
                         call, future = await self._submit(request, context)  # one at a time: keeps order
                         item = (request, account, call, future, None)
                     except (EngineError, InputError) as e:
@@ -137,7 +148,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                         await context.abort(code, message)
                     response = pb.ModelStreamInferResponse(
                         error_message=f"{code.name}: {message}",
-                        infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id))
+                        infer_response=pb.ModelInferResponse(model_name=getattr(request, "model_name", ""),
+                                                             id=getattr(request, "id", "")))
                 yield response
             await reader  # surfaces a failure of the request stream itself
         finally:

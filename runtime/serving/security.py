@@ -16,23 +16,40 @@ OPEN_INFERENCE = {"ServerLive", "ServerReady"}  # probes; everything else needs 
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
-    """Bearer tokens, compared in constant time. The control token guards the control RPCs that
-    change state; the inference token guards the inference service except ServerLive/ServerReady
-    (liveness and readiness reveal nothing and probes cannot send tokens). grpc.health.v1 and
-    reflection stay open."""
+    """Bearer tokens, compared in constant time.
+
+    - Control RPCs that change state need the control token; with only an inference token set,
+      they need that one (an inference-token server leaves no control RPC open).
+    - Read-only control RPCs (ListPolicies, GetStream, ListStreams: every stream id, its
+      hyperparameters and snapshot names) are open unless an inference token is set; then they
+      take the inference or the control token.
+    - The inference service needs the inference token, except ServerLive/ServerReady (liveness
+      and readiness reveal nothing and probes cannot send tokens).
+    grpc.health.v1 and reflection stay open."""
 
     def __init__(self, control_token: str | None, inference_token: str | None):
         self.control = control_token.encode() if control_token else None
         self.inference = inference_token.encode() if inference_token else None
 
-    def _required(self, method: str) -> tuple[bytes, str, str] | None:
-        """(token, which token, how a client sends it) that this method needs, or None."""
-        if self.control and method.startswith(CONTROL_SERVICE) and \
-                method[len(CONTROL_SERVICE):] not in READ_ONLY_CONTROL:
-            return self.control, "control", f"tta ctl: --token or ${CONTROL_TOKEN_ENV}"
+    def _required(self, method: str) -> tuple[tuple[bytes, ...], str, str] | None:
+        """(tokens any of which opens this method, which token, how a client sends it), or None."""
+        ctl = f"tta ctl: --token or ${CONTROL_TOKEN_ENV}"
+        triton = "tritonclient: headers={'authorization': 'Bearer <token>'}"
+        if method.startswith(CONTROL_SERVICE):
+            if method[len(CONTROL_SERVICE):] in READ_ONLY_CONTROL:
+                if not self.inference:
+                    return None
+                if self.control:
+                    return (self.inference, self.control), "inference or control", f"{ctl}; or the inference token"
+                return (self.inference,), "inference", "tta ctl: --token"
+            if self.control:
+                return (self.control,), "control", ctl
+            if self.inference:
+                return (self.inference,), "inference", "tta ctl: --token"
+            return None
         if self.inference and method.startswith(INFERENCE_SERVICE) and \
                 method[len(INFERENCE_SERVICE):] not in OPEN_INFERENCE:
-            return self.inference, "inference", "tritonclient: headers={'authorization': 'Bearer <token>'}"
+            return (self.inference,), "inference", triton
         return None
 
     async def intercept_service(self, continuation, details):
@@ -47,7 +64,8 @@ class BearerAuth(grpc.aio.ServerInterceptor):
             return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
                            f"{'missing' if given is None else 'malformed'} authorization: this RPC needs metadata "
                            f"'authorization: Bearer <{which} token>' ({how})")
-        if not hmac.compare_digest(token.strip().encode(), expected):
+        given_token = token.strip().encode()
+        if not any([hmac.compare_digest(given_token, t) for t in expected]):  # a list: compare with every one
             return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, f"wrong {which} token")
         return handler
 

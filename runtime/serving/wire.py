@@ -1,23 +1,65 @@
-"""The wire format: the generated stubs, a ModelInferRequest parsed once into an InferCall (model,
-stream, sequence flags, requested outputs; the input decoded on demand), and the replies built
-from the engine's answers."""
+"""The wire format: the generated stubs and their registration (add_servicer), a ModelInferRequest
+parsed once into an InferCall (model, stream, sequence flags, requested outputs; the input decoded
+on demand), and the replies built from the engine's answers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from runtime import protos
-from runtime.engine.errors import EngineError
+from runtime.engine.errors import EngineError, shown
 from runtime.model_config import LoadedModel
 from runtime.preprocess import InputError, decode, has_typed_contents, serialize_bytes
 from runtime.protocol import INPUT_NAME, OUTPUT_NAME, STREAM_HEADER, STREAM_PARAMETER
+from runtime.serving.errors import Malformed
 
 pb = protos.load("inference.grpc_service_pb2")
 pb_grpc = protos.load("inference.grpc_service_pb2_grpc")
 mc = protos.load("inference.model_config_pb2")
 tta_pb = protos.load("tta.v1.adaptation_pb2")
 tta_grpc = protos.load("tta.v1.adaptation_pb2_grpc")
+
+
+class _HandlerTable:
+    """Stands in for a grpc server to catch the method handlers a generated add_*_to_server builds."""
+
+    def __init__(self):
+        self.service, self.handlers = None, None
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def tolerant(parse):
+    """A request deserializer that never raises: bytes that do not parse become a Malformed, which
+    the handler answers INVALID_ARGUMENT (a raising deserializer makes grpc answer UNKNOWN and log
+    a traceback, and the request is never counted)."""
+    name = parse.__self__.DESCRIPTOR.full_name  # parse: the generated Message.FromString
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception:  # noqa: BLE001 - DecodeError, or whatever else the parser makes of hostile bytes
+            return Malformed(name, len(data))
+    return deserialize
+
+
+def add_servicer(add_to_server, servicer, server) -> None:
+    """Register `servicer` on `server` as the generated `add_to_server(servicer, server)` does (its
+    handler table, generic and pre-registered), with tolerant request deserializers."""
+    table = _HandlerTable()
+    add_to_server(servicer, table)
+    if table.handlers is None:
+        raise RuntimeError(f"{add_to_server.__name__} registered no method handlers; regenerate the stubs")
+    handlers = {name: handler._replace(request_deserializer=tolerant(handler.request_deserializer))
+                for name, handler in table.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(table.service, handlers),))
+    server.add_registered_method_handlers(table.service, handlers)
 
 
 def parameter_value(p):
@@ -38,9 +80,9 @@ def set_parameter(params, key: str, value) -> None:
 
 def check_model(model: LoadedModel, name: str, version: str) -> None:
     if name != model.name:
-        raise EngineError("NOT_FOUND", f"unknown model {name!r}; this server serves {model.name!r}")
+        raise EngineError("NOT_FOUND", f"unknown model {shown(name)}; this server serves {model.name!r}")
     if version not in ("", "1"):
-        raise EngineError("NOT_FOUND", f"model {name!r} has no version {version!r}; it has version '1'")
+        raise EngineError("NOT_FOUND", f"model {shown(name)} has no version {shown(version)}; it has version '1'")
 
 
 @dataclass
@@ -84,7 +126,7 @@ def _stream_id(request, metadata) -> str | None:
     from_header = next((v for k, v in (metadata or ()) if k == STREAM_HEADER), None)
     if from_parameter and from_header and from_parameter != from_header:
         raise EngineError("INVALID_ARGUMENT", f"stream named twice and differently: parameter {STREAM_PARAMETER}="
-                                              f"{from_parameter!r}, header {STREAM_HEADER}={from_header!r}")
+                                              f"{shown(from_parameter)}, header {STREAM_HEADER}={shown(from_header)}")
     if not (from_parameter or from_header) and "sequence_id" in request.parameters:
         sequence = parameter_value(request.parameters["sequence_id"])  # Triton's sequence extension
         if isinstance(sequence, (bool, float)):
@@ -107,7 +149,7 @@ def _requested_outputs(request, model: LoadedModel) -> list[tuple[str, int]]:
     wanted = []
     for out in request.outputs:
         if out.name != OUTPUT_NAME:
-            raise InputError(f"unknown output {out.name!r}; the model's output is named {OUTPUT_NAME!r}")
+            raise InputError(f"unknown output {shown(out.name)}; the model's output is named {OUTPUT_NAME!r}")
         k = 0
         if "classification" in out.parameters:
             k = parameter_value(out.parameters["classification"])
@@ -121,11 +163,12 @@ def _requested_outputs(request, model: LoadedModel) -> list[tuple[str, int]]:
 def decode_input(request, model: LoadedModel, max_batch: int) -> np.ndarray:
     """The request's one input as float32 NCHW in [0, 1] at the model's size (InputError if not)."""
     if len(request.inputs) != 1:
-        names = ", ".join(repr(i.name) for i in request.inputs) or "none"
+        names = ", ".join(shown(i.name, 32) for i in request.inputs[:4]) or "none"
+        names += ", …" if len(request.inputs) > 4 else ""
         raise InputError(f"expected exactly one input named {INPUT_NAME!r}, got {len(request.inputs)} ({names})")
     tensor = request.inputs[0]
     if tensor.name != INPUT_NAME:
-        raise InputError(f"unknown input {tensor.name!r}; the model's input is named {INPUT_NAME!r}")
+        raise InputError(f"unknown input {shown(tensor.name)}; the model's input is named {INPUT_NAME!r}")
     typed = has_typed_contents(tensor.contents)
     if request.raw_input_contents:
         if typed:

@@ -70,7 +70,8 @@ def test_inference_and_control_tokens(tiny_config, tmp_path, monkeypatch):
             else:
                 assert isinstance(reply, InferenceServerException) and expected in str(reply.status()), reply
 
-        # control: the inference token opens nothing there; read-only RPCs stay open
+        # control: the inference token changes nothing there; read-only RPCs (which list every stream
+        # id, its hyperparameters and snapshot names) take the inference or the control token
         with grpc.insecure_channel(srv.target) as channel:
             stub = tta_grpc.AdaptationServiceStub(channel)
             request = tta_pb.SetPolicyRequest(stream_id="auth", policy="tent")
@@ -78,7 +79,20 @@ def test_inference_and_control_tokens(tiny_config, tmp_path, monkeypatch):
             assert status(stub.SetPolicy, request, metadata=[("authorization", "Bearer infer-s3cret")]) == \
                 ("PERMISSION_DENIED", "wrong control token")
             assert stub.SetPolicy(request, metadata=[("authorization", "Bearer ctl-s3cret")]).policy == "tent"
-            assert stub.GetStream(tta_pb.StreamRequest(stream_id="auth")).policy == "tent"
+            read_only = [(stub.GetStream, tta_pb.StreamRequest(stream_id="auth")),
+                         (stub.ListStreams, tta_pb.ListStreamsRequest()),
+                         (stub.ListPolicies, tta_pb.ListPoliciesRequest())]
+            for rpc, read in read_only:
+                code, message = status(rpc, read)
+                assert code == "UNAUTHENTICATED" and "inference or control token" in message, (rpc, code, message)
+                assert status(rpc, read, metadata=[("authorization", "Bearer guess")]) == \
+                    ("PERMISSION_DENIED", "wrong inference or control token")
+                for token in ("infer-s3cret", "ctl-s3cret"):
+                    assert rpc(read, metadata=[("authorization", f"Bearer {token}")]) is not None
+            assert stub.GetStream(tta_pb.StreamRequest(stream_id="auth"),
+                                  metadata=[("authorization", "Bearer infer-s3cret")]).policy == "tent"
+            listed = stub.ListStreams(tta_pb.ListStreamsRequest(), metadata=[("authorization", "Bearer ctl-s3cret")])
+            assert "auth" in {s.stream_id for s in listed.streams}
 
         # tta ctl takes the control token from the environment (or --token)
         ok = subprocess.run([*CTL, "--target", srv.target, "reset", "auth"], cwd=REPO, capture_output=True, text=True,
@@ -87,11 +101,45 @@ def test_inference_and_control_tokens(tiny_config, tmp_path, monkeypatch):
         wrong = subprocess.run([*CTL, "--target", srv.target, "--token", "guess", "reset", "auth"], cwd=REPO,
                                capture_output=True, text=True, timeout=60)
         assert wrong.returncode == 1 and "PERMISSION_DENIED: wrong control token" in wrong.stderr
+        listed = subprocess.run([*CTL, "--target", srv.target, "streams"], cwd=REPO, capture_output=True, text=True,
+                                timeout=60)
+        assert listed.returncode == 0 and "auth: policy tent" in listed.stdout, listed.stderr
         assert srv.proc.poll() is None
     finally:
         client.close()
         assert srv.stop() == 0
     assert "infer-s3cret" not in srv.stderr() and "ctl-s3cret" not in srv.stderr()  # tokens are never logged
+
+
+def test_an_inference_token_alone_guards_every_control_rpc(tiny_config, monkeypatch):
+    """Without a control token, an inference-token server leaves no control RPC open: reads and
+    changes both take the inference token. Without any token (the session server) all stay open."""
+    monkeypatch.delenv("TTA_CONTROL_TOKEN", raising=False)
+    monkeypatch.setenv("TTA_INFERENCE_TOKEN", "only-infer")
+    srv = ServerProcess("--model", str(tiny_config))
+    try:
+        with grpc.insecure_channel(srv.target) as channel:
+            stub = tta_grpc.AdaptationServiceStub(channel)
+            good = [("authorization", "Bearer only-infer")]
+            for rpc, request in ((stub.SetPolicy, tta_pb.SetPolicyRequest(stream_id="alone", policy="tent")),
+                                 (stub.ResetStream, tta_pb.StreamRequest(stream_id="alone")),
+                                 (stub.GetStream, tta_pb.StreamRequest(stream_id="alone")),
+                                 (stub.ListStreams, tta_pb.ListStreamsRequest())):
+                code, message = status(rpc, request)
+                assert code == "UNAUTHENTICATED" and "inference token" in message, (rpc, code, message)
+                assert status(rpc, request, metadata=[("authorization", "Bearer guess")]) == \
+                    ("PERMISSION_DENIED", "wrong inference token")
+                assert rpc(request, metadata=good) is not None
+            assert stub.GetStream(tta_pb.StreamRequest(stream_id="alone"), metadata=good).policy == "tent"
+    finally:
+        assert srv.stop() == 0
+
+
+def test_read_only_control_stays_open_without_an_inference_token(server):
+    with grpc.insecure_channel(server.target) as channel:
+        stub = tta_grpc.AdaptationServiceStub(channel)
+        assert stub.ListPolicies(tta_pb.ListPoliciesRequest()).policies
+        assert stub.ListStreams(tta_pb.ListStreamsRequest()).stream_limit > 0
 
 
 # --- mutual TLS with a generated CA ---------------------------------------------------------
