@@ -7,7 +7,6 @@ from __future__ import annotations
 import queue
 import subprocess
 import sys
-import urllib.request
 from functools import partial
 
 import cv2
@@ -30,7 +29,9 @@ from clients import (
     parameters,
     reference,
     reference_outputs,
+    scrape,
     set_policy,
+    total,
     tta_grpc,
     tta_pb,
 )
@@ -409,21 +410,6 @@ def test_bad_requests_get_clear_errors_and_harm_no_one(client, control, tiny_mod
 
 
 # --- metrics over HTTP ------------------------------------------------------------------
-def scrape(server) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://{server.host}:{server.metrics_port}/metrics", timeout=10).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def total(samples: dict, prefix: str, **labels) -> float:
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(v for k, v in samples.items() if k.startswith(prefix + "{") and all(w in k for w in want))
-
-
 def test_metrics_expose_families_that_move(server, client, control):
     set_policy(control, "tracked-a", "tent", lr="0.01")
     set_policy(control, "untracked-x", "bn")
