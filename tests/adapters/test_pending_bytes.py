@@ -155,7 +155,7 @@ def test_pending_bytes_explain_the_rss_of_held_updates():
         assert a.pending_bytes == 0
 
 
-def test_demo_model_mean_teacher_pending_bytes():
+def test_demo_model_pending_bytes_per_sample():
     """The sizes docs/BENCHMARKS.md quotes: about 1.44 MiB per sample for each gradient policy on
     the demo model (32 x 32 input)."""
     model = build_demo_model()
