@@ -57,7 +57,8 @@ class Metrics:
         self.queue_depth = Gauge("tta_queue_depth", "Batches waiting for the engine", ["model"], registry=r)
         self.streams = Gauge("tta_streams", "Known streams: resident in memory or evicted to disk",
                              ["model", "state"], registry=r)
-        self.state_bytes = Gauge("tta_stream_state_bytes", "Bytes of adapted per-stream state held in memory",
+        self.state_bytes = Gauge("tta_stream_state_bytes", ("Bytes per-stream state holds in memory: adapter state, "
+                                 "optimizer moments, the guard's copy, saved activations of owed updates"),
                                  ["model"], registry=r)
         self.memory_budget = Gauge("tta_stream_memory_budget_bytes", "Memory budget for per-stream state",
                                    ["model"], registry=r)
