@@ -37,24 +37,18 @@ the directory; the previous checkpoint is kept as a hard link first. A crash at 
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import hmac
-import json
 import logging
-import math
 import os
 import re
 import shutil
-import struct
 import time
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote, unquote
 
-import numpy as np
-import safetensors.torch
-import torch
+from runtime.state_format import FORMAT, Refused, Unpacker, pack_body, read_body, strict_json
 
 log = logging.getLogger("tta.checkpoints")
 
@@ -66,20 +60,13 @@ KEY_ID_BYTES = 8
 DIGEST_BYTES = 32
 HEADER_BYTES = len(MAGIC) + 1 + KEY_ID_BYTES + DIGEST_BYTES
 KEY_ID_LABEL = b"tta-runtime state key id"
-FORMAT = "tta-state-2"
 STATE_KEY_ENV = "TTA_STATE_KEY"  # server-side only: the state key when --state-key-file is not given
 MIN_KEY_BYTES = 16
 TMP_SUFFIX = ".tmp"
 MAX_FILE_NAME = 240  # bytes; file systems allow 255 for a name, the rest is for suffixes
 PREV_SUFFIX = ".prev"
 # bounds of what a file may describe (far above any adapter's state)
-MAX_DEPTH = 64
-MAX_SKELETON_BYTES = 16 << 20
-MAX_NODES = 1 << 20
 REASONS = ("checksum", "signature", "format", "other_stream", "other_model", "legacy")
-# dtypes a record's tensors may have (safetensors stores them all); anything else is refused on write
-DTYPES = frozenset((torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                    torch.int16, torch.int8, torch.uint8, torch.bool))
 
 
 class CorruptCheckpoint(Exception):
@@ -91,12 +78,6 @@ class CorruptCheckpoint(Exception):
     def __init__(self, name: str, why: str, reason: str, path: Path | None = None):
         super().__init__(f"{name}: {why}")
         self.name, self.why, self.reason, self.path = name, why, reason, path
-
-
-class _Refused(Exception):
-    def __init__(self, reason: str, why: str):
-        super().__init__(why)
-        self.reason, self.why = reason, why
 
 
 def file_name(stream_id: str) -> str:
@@ -133,149 +114,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# --- the record as tensors + a JSON skeleton -------------------------------------------------
-def _pack(value, tensors: dict[str, torch.Tensor], shared: set[int], depth: int = 0):
-    if depth > MAX_DEPTH:
-        raise TypeError(f"a state record nested deeper than {MAX_DEPTH} levels cannot be saved")
-    if isinstance(value, (np.bool_, np.integer, np.floating)):  # numpy scalars become Python numbers
-        value = value.item()
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        value = float(value)
-        return value if math.isfinite(value) else {"float": repr(value)}  # 'nan', 'inf', '-inf'
-    if isinstance(value, torch.Tensor):
-        if value.layout != torch.strided or value.dtype not in DTYPES or value.is_quantized:
-            raise TypeError(f"a {value.layout} {value.dtype} tensor cannot be saved in a state file")
-        cpu = value.detach().cpu()
-        storage = cpu.untyped_storage()
-        # safetensors refuses views and tensors that share memory: those are copied (a state dict's
-        # tensors own their storage, so usually nothing is)
-        if (not cpu.is_contiguous() or cpu.storage_offset() or not cpu.numel()
-                or storage.nbytes() != cpu.numel() * cpu.element_size() or storage.data_ptr() in shared):
-            cpu = cpu.clone(memory_format=torch.contiguous_format)
-        shared.add(cpu.untyped_storage().data_ptr())
-        key = f"t{len(tensors)}"
-        tensors[key] = cpu
-        return {"tensor": key}
-    if type(value) in (list, tuple):
-        return {type(value).__name__: [_pack(v, tensors, shared, depth + 1) for v in value]}
-    if type(value) in (dict, collections.OrderedDict):
-        items = []
-        for k, v in value.items():
-            if type(k) not in (str, int):
-                raise TypeError(f"a state record's dict key {k!r} ({type(k).__name__}) cannot be saved: str or int")
-            items.append([k, _pack(v, tensors, shared, depth + 1)])
-        if type(value) is dict:
-            return {"dict": items}
-        node = {"odict": items}
-        if hasattr(value, "_metadata"):  # nn.Module.state_dict's module versions
-            node["meta"] = _pack(value._metadata, tensors, shared, depth + 1)
-        return node
-    raise TypeError(f"a {type(value).__name__} cannot be saved in a state file")
-
-
-class _Unpacker:
-    """The strict inverse of _pack: only the nodes _pack writes, each tensor used exactly once."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self.tensors, self.used, self.nodes = tensors, set(), 0
-
-    def __call__(self, node, depth: int = 0):
-        self.nodes += 1
-        if depth > MAX_DEPTH or self.nodes > MAX_NODES:
-            raise _Refused("format", f"the record is nested deeper than {MAX_DEPTH} or has over {MAX_NODES} values")
-        if node is None or type(node) in (bool, str, int):
-            return node
-        if type(node) is float:
-            if not math.isfinite(node):
-                raise _Refused("format", "a bare non-finite number in the record")
-            return node
-        if type(node) is not dict or not node:
-            raise _Refused("format", f"unexpected {type(node).__name__} in the record")
-        tag = "odict" if set(node) == {"odict", "meta"} else next(iter(node))
-        if len(node) != 1 and tag != "odict":
-            raise _Refused("format", f"unexpected node with keys {sorted(node)[:4]} in the record")
-        body = node[tag]
-        if tag == "float":
-            if body not in ("nan", "inf", "-inf"):
-                raise _Refused("format", f"unexpected float {str(body)[:20]!r} in the record")
-            return float(body)
-        if tag == "tensor":
-            if type(body) is not str or body not in self.tensors or body in self.used:
-                raise _Refused("format", f"tensor reference {str(body)[:20]!r} is missing or used twice")
-            self.used.add(body)
-            return self.tensors[body]
-        if tag in ("list", "tuple"):
-            if type(body) is not list:
-                raise _Refused("format", f"a {tag} that is not a JSON array")
-            items = [self(v, depth + 1) for v in body]
-            return items if tag == "list" else tuple(items)
-        if tag in ("dict", "odict"):
-            if type(body) is not list:
-                raise _Refused("format", f"a {tag} that is not a JSON array of pairs")
-            out = {} if tag == "dict" else collections.OrderedDict()
-            for pair in body:
-                if type(pair) is not list or len(pair) != 2 or type(pair[0]) not in (str, int) or pair[0] in out:
-                    raise _Refused("format", "a dict entry that is not a [str or int key, value] pair, or a "
-                                             "duplicate key")
-                out[pair[0]] = self(pair[1], depth + 1)
-            if "meta" in node:
-                out._metadata = self(node["meta"], depth + 1)
-            return out
-        raise _Refused("format", f"unexpected node {tag[:20]!r} in the record")
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
-
-
-def _strict_object(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k[:20]!r}")
-        out[k] = v
-    return out
-
-
-def _json(text: str | bytes):
-    return json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_strict_object)
-
-
-def _body(record: dict, stream_id: str, fingerprint: str) -> bytes:
-    tensors: dict[str, torch.Tensor] = {}
-    skeleton = json.dumps(_pack(record, tensors, set()), allow_nan=False, separators=(",", ":"))
-    if len(skeleton) > MAX_SKELETON_BYTES:
-        raise ValueError(f"a state record's skeleton of {len(skeleton)} bytes exceeds {MAX_SKELETON_BYTES}")
-    metadata = {"format": FORMAT, "stream_id": stream_id, "model": fingerprint, "record": skeleton}
-    return safetensors.torch.save(tensors, metadata=metadata)
-
-
-def _read_body(body: bytes) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The safetensors blob's metadata (parsed here, strictly) and tensors (by safetensors)."""
-    if len(body) < 8:
-        raise _Refused("format", "no safetensors header")
-    (size,) = struct.unpack("<Q", body[:8])
-    if size > min(len(body) - 8, MAX_SKELETON_BYTES + (1 << 20)):
-        raise _Refused("format", f"a safetensors header of {size} bytes")
-    try:
-        header = _json(body[8:8 + size])
-    except (ValueError, RecursionError) as e:
-        raise _Refused("format", f"the safetensors header is not valid JSON ({type(e).__name__})") from None
-    metadata = header.get("__metadata__") if type(header) is dict else None
-    if (type(metadata) is not dict or set(metadata) != {"format", "stream_id", "model", "record"}
-            or not all(type(v) is str for v in metadata.values())):
-        raise _Refused("format", "the safetensors metadata is not a tta-runtime record")
-    try:
-        tensors = safetensors.torch.load(body)
-    except Exception as e:  # noqa: BLE001 - SafetensorError and whatever a malformed blob raises
-        raise _Refused("format", f"the tensors cannot be read ({type(e).__name__})") from None
-    return metadata, tensors
-
-
 def _digest(mode: bytes, kid: bytes, body: bytes, key: bytes | None) -> bytes:
     h = hmac.new(key, digestmod=hashlib.sha256) if mode == KEYED else hashlib.sha256()
     for part in (MAGIC, mode, kid, body):
@@ -286,7 +124,7 @@ def _digest(mode: bytes, kid: bytes, body: bytes, key: bytes | None) -> bytes:
 def encode(record: dict, stream_id: str, key: bytes | None = None, fingerprint: str = "") -> bytes:
     """A state file's bytes: the record bound to its stream and model, signed with `key` (an
     HMAC) or, without one, checksummed."""
-    body = _body(record, stream_id, fingerprint)
+    body = pack_body(record, stream_id, fingerprint)
     mode, kid = (KEYED, key_id(key)) if key is not None else (PLAIN, bytes(KEY_ID_BYTES))
     return MAGIC + mode + kid + _digest(mode, kid, body, key) + body
 
@@ -297,59 +135,59 @@ def decode(data: bytes, stream_id: str, key: bytes | None = None, fingerprint: s
     under `key` (or its checksum without one); CorruptCheckpoint otherwise. Never runs code."""
     try:
         return _decode(data, stream_id, key, fingerprint)
-    except _Refused as e:
+    except Refused as e:
         raise CorruptCheckpoint(name, e.why, e.reason) from None
 
 
 def _decode(data: bytes, stream_id: str, key: bytes | None, fingerprint: str) -> dict:
     if data.startswith(LEGACY_MAGIC):
-        raise _Refused("legacy", "written by an older tta-runtime in a format that can carry code (a pickle), so it "
+        raise Refused("legacy", "written by an older tta-runtime in a format that can carry code (a pickle), so it "
                                  "is refused and never loaded; start the stream over (tta ctl set-policy) or delete "
                                  "it (tta ctl delete) and remove any other files in the old format")
     if not data.startswith(MAGIC):
         version = data.startswith(MAGIC[:-2])
-        raise _Refused("format", "an unknown version of the tta-runtime state format" if version
+        raise Refused("format", "an unknown version of the tta-runtime state format" if version
                        else "not a tta-runtime state file (bad header)")
     if len(data) < HEADER_BYTES:
-        raise _Refused("signature" if key is not None else "checksum", f"cut short ({len(data)} bytes)")
+        raise Refused("signature" if key is not None else "checksum", f"cut short ({len(data)} bytes)")
     at = len(MAGIC)
     mode, kid = data[at:at + 1], data[at + 1:at + 1 + KEY_ID_BYTES]
     digest, body = data[at + 1 + KEY_ID_BYTES:HEADER_BYTES], data[HEADER_BYTES:]
     if mode not in (KEYED, PLAIN):
-        raise _Refused("format", "unknown signature mode")
+        raise Refused("format", "unknown signature mode")
     if mode == KEYED and key is None:
-        raise _Refused("signature", f"signed with a state key (key id {kid.hex()}) but this server has no "
+        raise Refused("signature", f"signed with a state key (key id {kid.hex()}) but this server has no "
                                     f"--state-key-file / ${STATE_KEY_ENV}: start it with the key that signed it")
     if mode == PLAIN and key is not None:
-        raise _Refused("signature", "written without a state key, and this server, started with a state key, "
+        raise Refused("signature", "written without a state key, and this server, started with a state key, "
                                     "accepts only files signed with it")
     if mode == KEYED and not hmac.compare_digest(kid, key_id(key)):
-        raise _Refused("signature", f"signed with another state key (key id {kid.hex()}; this server's key id is "
+        raise Refused("signature", f"signed with another state key (key id {kid.hex()}; this server's key id is "
                                     f"{key_id(key).hex()})")
     if not hmac.compare_digest(digest, _digest(mode, kid, body, key)):
         if mode == KEYED:
-            raise _Refused("signature", "its signature does not verify under this server's state key (altered or "
+            raise Refused("signature", "its signature does not verify under this server's state key (altered or "
                                         "damaged)")
-        raise _Refused("checksum", f"checksum mismatch ({len(body)} body bytes): damaged")
-    metadata, tensors = _read_body(body)
+        raise Refused("checksum", f"checksum mismatch ({len(body)} body bytes): damaged")
+    metadata, tensors = read_body(body)
     if metadata["format"] != FORMAT:
-        raise _Refused("format", f"record format {metadata['format'][:40]!r}, expected {FORMAT!r}")
+        raise Refused("format", f"record format {metadata['format'][:40]!r}, expected {FORMAT!r}")
     if metadata["stream_id"] != stream_id:
-        raise _Refused("other_stream", f"it holds the state of another stream ({metadata['stream_id'][:80]!r})")
+        raise Refused("other_stream", f"it holds the state of another stream ({metadata['stream_id'][:80]!r})")
     if metadata["model"] != fingerprint:
-        raise _Refused("other_model", f"it was written for another model (weights fingerprint "
+        raise Refused("other_model", f"it was written for another model (weights fingerprint "
                                       f"{metadata['model'][:12] or 'none'}; this server's model is "
                                       f"{fingerprint[:12] or 'none'})")
     try:
-        skeleton = _json(metadata["record"])
+        skeleton = strict_json(metadata["record"])
     except (ValueError, RecursionError) as e:
-        raise _Refused("format", f"the record is not valid JSON ({type(e).__name__})") from None
-    unpack = _Unpacker(tensors)
+        raise Refused("format", f"the record is not valid JSON ({type(e).__name__})") from None
+    unpack = Unpacker(tensors)
     record = unpack(skeleton)
     if type(record) is not dict:
-        raise _Refused("format", "the record is not a dict")
+        raise Refused("format", "the record is not a dict")
     if unpack.used != set(tensors):
-        raise _Refused("format", f"{len(set(tensors) - unpack.used)} tensors no part of the record refers to")
+        raise Refused("format", f"{len(set(tensors) - unpack.used)} tensors no part of the record refers to")
     return record
 
 
