@@ -3,6 +3,7 @@ the ready line and the version. Clients (tta ctl, tta demo, tta bench, tests) im
 module, never the server."""
 from __future__ import annotations
 
+import json
 import re
 from importlib import metadata
 
@@ -28,6 +29,19 @@ def bearer_headers(token: str | None) -> dict[str, str] | None:
     """The authorization header for a bearer token, as tritonclient's headers= takes it; None
     without a token. Inference clients: bearer_headers(os.environ.get(INFERENCE_TOKEN_ENV))."""
     return {"authorization": f"Bearer {token}"} if token else None
+
+
+# A gRPC retry policy for inference (grpc's service config, gRFC A6) that well-behaved clients
+# use: a refusal under load (RESOURCE_EXHAUSTED) was never run, so retrying it is safe, and gRPC
+# waits as long as the server's retry pushback says (grpc-retry-pushback-ms) before it does.
+# UNAVAILABLE is left out on purpose: a connection lost after the server ran the batch also
+# reads UNAVAILABLE, and a retry would teach the stream twice. Pass RETRY_CHANNEL_ARGS as channel
+# options (tritonclient: channel_args=, together with its defaults). grpc caps maxAttempts at 5.
+RETRY_SERVICE_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "inference.GRPCInferenceService", "method": "ModelInfer"}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.05s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}}]})
+RETRY_CHANNEL_ARGS = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_SERVICE_CONFIG)]
 
 
 def _version() -> str:

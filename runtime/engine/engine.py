@@ -171,7 +171,12 @@ class Engine:
             self._maybe_checkpoint()
             self._maybe_expire()
             try:  # wake up for the next periodic checkpoint or expiry even when no request comes
-                job = self.jobs.take(wait=not self.table.any_owed(), timeout=self._tick())
+                job = self.jobs.take(wait=False, timeout=None)
+            except queue.Empty:  # nothing queued: wait for a job unless an owed update can be applied now
+                job = None
+            try:
+                if job is None:
+                    job = self.jobs.take(wait=not self.table.any_owed(), timeout=self._tick())
             except queue.Empty:
                 try:
                     self.table.learn_one_owed()  # nothing waiting: apply an owed update now
@@ -194,6 +199,8 @@ class Engine:
                         j.resolve(result, None if error is None else _internal(error))
             if job.batch is not None:
                 self.jobs.ran((time.monotonic() - started) / (len(group) if group else 1))
+            else:  # a control operation may have changed any stream: the memory budget counts them all again
+                self.table.recount_soon()
 
     def _predict(self, batch: Batch) -> InferResult:
         if batch.end:  # after this reply (and this batch's update): to disk, out of memory

@@ -21,12 +21,15 @@ def shown(value, limit: int = SHOWN) -> str:
 
 
 class EngineError(Exception):
-    """An error with the gRPC status code it should be answered with."""
+    """An error with the gRPC status code it should be answered with; `retry_after` (seconds), for
+    a refusal under load, is when the engine expects room again (sent as gRPC's standard
+    retry pushback, so clients with a retry policy come back then instead of at once)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.code = code  # a grpc.StatusCode name
         self.message = message
+        self.retry_after = retry_after
 
 
 def check_stream_id(stream_id: str | None) -> str:

@@ -18,12 +18,19 @@ full queue in the last REFUSED_MEMORY seconds may take one of max_queue / 4 extr
 comes back, so closed-loop clients that resend the moment they get a reply cannot keep it out
 (the extra places never stay empty waiting for it). A batch whose client deadline passed while
 it waited is answered DEADLINE_EXCEEDED without running.
+
+A refusal for load says when to come back (EngineError.retry_after, sent as gRPC's retry
+pushback): a stream refused for a full queue is due back when its turn among the refused comes
+(about one batch's time per stream refused before it), so clients that follow the hint return
+in the order they were refused and spread out, and a refusal costs the server about once per
+turn rather than once per client backoff step.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,7 +40,8 @@ from runtime.engine.errors import EngineError, shown
 from runtime.metrics import Metrics
 
 STOP = object()  # the job that ends the worker loop
-REFUSED_MEMORY = 5.0  # seconds a stream refused for a full queue keeps its claim on an extra place
+REFUSED_MEMORY = 5.0  # seconds past its hinted retry time a refused stream keeps its claim on an extra place
+MAX_RETRY_AFTER = 30.0  # seconds: the longest retry hint
 
 
 @dataclass
@@ -97,8 +105,10 @@ class Jobs:
         self._rounds: collections.deque[_Round] = collections.deque([_Round()])
         self._ready = threading.Condition()
         self._stream_queued: collections.Counter[str] = collections.Counter()  # event-loop side
-        # streams refused for a full queue lately -> when: the room that frees up goes to them first
-        self._refused: collections.OrderedDict[str, float] = collections.OrderedDict()
+        # streams refused for a full queue lately, in the order refused -> (when they are due back,
+        # until when they keep their claim on an extra place)
+        self._refused: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+        self._jitter = random.Random()
         self.queued = 0  # batches submitted and not yet answered (event-loop side)
         self.seconds_per_job = 0.0  # moving average of the time a batch job takes (worker side)
         self._accepting = True
@@ -126,34 +136,61 @@ class Jobs:
     def _admit(self, stream_id: str, deadline: float | None) -> None:
         name = self.metrics.model
         now = time.monotonic()
-        while self._refused and next(iter(self._refused.values())) < now - REFUSED_MEMORY:
+        while self._refused and next(iter(self._refused.values()))[1] < now:
             self._refused.popitem(last=False)
+        wait = self.queued * self.seconds_per_job  # what the batches queued now take to run
         # a stream refused lately may take one of the extra places beyond the limit when it comes
         # back, so that clients that resend the moment they get a reply cannot keep it out for good
         limit = self.max_queue + (self.max_queue // 4 if stream_id in self._refused else 0)
         if self.queued >= limit:
-            self._refused.setdefault(stream_id, now)
-            while len(self._refused) > self.max_queue:
-                self._refused.popitem(last=False)
+            retry = self._line_up(stream_id, now, self.queued - limit + 1)
             self.metrics.rejected.labels(name, "global_queue").inc()
-            raise EngineError("RESOURCE_EXHAUSTED", f"the engine queue is full ({self.max_queue} batches "
-                                                    f"waiting); retry later (with backoff) or raise --max-queue")
+            raise EngineError("RESOURCE_EXHAUSTED", f"the engine queue is full ({self.max_queue} batches waiting); "
+                                                    f"retry in about {retry:.1f} s, or raise --max-queue", retry)
         if self._stream_queued[stream_id] >= self.max_stream_queue:
             self.metrics.rejected.labels(name, "stream_queue").inc()
             raise EngineError("RESOURCE_EXHAUSTED", f"stream {shown(stream_id)} already has {self.max_stream_queue} "
                                                     f"batches waiting; wait for replies before sending more, or "
-                                                    f"raise --max-stream-queue")
-        wait = self.queued * self.seconds_per_job
+                                                    f"raise --max-stream-queue", self._retry_after(wait))
         if self.max_wait and wait > self.max_wait:
             self.metrics.rejected.labels(name, "wait").inc()
+            retry = self._retry_after(wait)
             raise EngineError("RESOURCE_EXHAUSTED", f"the engine is about {wait:.1f} s behind (more than "
-                                                    f"--max-queue-wait {self.max_wait:g} s); retry later")
+                                                    f"--max-queue-wait {self.max_wait:g} s); retry in about "
+                                                    f"{retry:.1f} s", retry)
         left = None if deadline is None else deadline - now
         if left is not None and wait > left:  # it would miss its deadline: say so now, run nothing
             self.metrics.rejected.labels(name, "wait").inc()
+            retry = self._retry_after(wait)
             raise EngineError("RESOURCE_EXHAUSTED", f"the engine is about {wait:.1f} s behind, past this "
-                                                    f"request's deadline in {max(left, 0):.1f} s; retry later")
+                                                    f"request's deadline in {max(left, 0):.1f} s; retry in about "
+                                                    f"{retry:.1f} s", retry)
         self._refused.pop(stream_id, None)
+
+    def _line_up(self, stream_id: str, now: float, over: int) -> float:
+        """A stream refused for a full queue (`over` batches beyond its limit) keeps its place
+        among the refused (first refused, first due) and is told to come back when its turn
+        comes: a place frees up every batch, so the k-th refused stream is due after about k
+        batches. Clients that follow the hint come back in the order they were refused, spread
+        out, each finding an extra place; one back at its turn that still finds none is due again
+        when one frees up."""
+        per_batch = max(self.seconds_per_job, 0.001)
+        if stream_id in self._refused:
+            due = self._refused[stream_id][0]
+            if due <= now:
+                due = now + max(over, 1) * per_batch * self._jitter.uniform(0.9, 1.1)
+        else:
+            due = now + (len(self._refused) + 1) * per_batch * self._jitter.uniform(0.9, 1.1)
+        due = min(due, now + MAX_RETRY_AFTER)
+        self._refused[stream_id] = (due, due + REFUSED_MEMORY)
+        while len(self._refused) > self.max_queue:
+            self._refused.popitem(last=False)
+        return max(due - now, 0.001)
+
+    def _retry_after(self, wait: float) -> float:
+        """When a client refused for the wait should come back: a random point in the second
+        half of the time the queued batches take (returns spread out, not at once)."""
+        return min(max(wait, self.seconds_per_job, 0.01) * self._jitter.uniform(0.5, 1.0), MAX_RETRY_AFTER)
 
     def _batch_done(self, future: asyncio.Future, stream_id: str) -> None:
         if not future.cancelled():

@@ -23,6 +23,8 @@ from runtime.model_config import LoadedModel
 log = logging.getLogger("tta.engine")
 
 REMEMBERED_REQUESTS = 65536  # predictions kept for feedback
+RECOUNT_EVERY = 1.0  # seconds between full counts of what resident streams hold, whatever happened
+GAUGES_EVERY = 0.5  # seconds between updates of the stream-count gauges on the batch path
 
 
 def storage_error(e: OSError, doing: str) -> EngineError:
@@ -46,6 +48,12 @@ class StreamTable:
         self.metrics.durable.labels(model.name).set(1)
         # request id -> (stream id, policy, predicted classes), for feedback
         self.predictions: collections.OrderedDict[str, tuple[str, str, np.ndarray]] = collections.OrderedDict()
+        # what resident streams hold, kept between full counts: a batch changes only its own
+        # stream's figure, so the memory budget is checked without walking every stream per batch
+        self._held: dict[str, int] = {}
+        self._used = 0
+        self._counted_at = -float("inf")
+        self._gauges_at = -float("inf")
 
     # ------------------------------------------------------------------ finding and creating
     def restore_saved(self) -> None:
@@ -221,23 +229,45 @@ class StreamTable:
         return True
 
     def resident_bytes(self) -> int:
-        """What the resident streams hold now: state, guard copies and owed updates' activations."""
-        return sum(s.held_bytes for s in self.streams.values() if s.resident)
+        """What the resident streams hold now: state, guard copies and owed updates' activations
+        (a full count, which the budget check then keeps up to date stream by stream)."""
+        self._held = {s.id: s.held_bytes for s in self.streams.values() if s.resident}
+        self._used, self._counted_at = sum(self._held.values()), time.monotonic()
+        return self._used
+
+    def recount_soon(self) -> None:
+        """Streams other than a batch's own may have changed (a control operation, an owed update
+        applied, a checkpoint, an expiry): the next budget check counts every stream again."""
+        self._counted_at = -float("inf")
+
+    def _used_after(self, stream_id: str) -> int:
+        """Bytes held by resident streams, given that only `stream_id` changed since the last count
+        (a full count at least every RECOUNT_EVERY seconds, whatever else happened)."""
+        if time.monotonic() - self._counted_at > RECOUNT_EVERY:
+            return self.resident_bytes()
+        stream = self.streams.get(stream_id)
+        held = stream.held_bytes if stream is not None and stream.resident else 0
+        self._used += held - self._held.get(stream_id, 0)
+        self._held[stream_id] = held
+        return self._used
 
     def enforce_memory_budget(self, keep: str) -> None:
         """Bring what the resident streams hold within the budget: first apply owed updates
         (least recently used first; each frees its batch's activations, and a stream's next batch
         would apply it first anyway, so no stream's batches change order), then evict the least
-        recently used streams to disk (never `keep`, the stream being served)."""
-        used = self.resident_bytes()
-        if used > self.memory_budget:
-            for stream in list(self.streams.values()):  # least recently used first
-                if used <= self.memory_budget:
-                    break
-                if stream.resident and stream.pending:
-                    held = stream.held_bytes
-                    self.learn_owed(stream)
-                    used -= held - stream.held_bytes
+        recently used streams to disk (never `keep`, the stream being served, the only one that
+        changed since the last check)."""
+        used = self._used_after(keep)
+        if used <= self.memory_budget:
+            self._update_gauges_now_and_then(used)
+            return
+        for stream in list(self.streams.values()):  # least recently used first
+            if used <= self.memory_budget:
+                break
+            if stream.resident and stream.pending:
+                held = stream.held_bytes
+                self.learn_owed(stream)
+                used -= held - stream.held_bytes
         for stream in list(self.streams.values()):  # least recently used first
             if used <= self.memory_budget:
                 break
@@ -246,9 +276,15 @@ class StreamTable:
             held = stream.held_bytes
             self._evict(stream)  # its owed update is applied first, even if it cannot be saved and stays
             used -= held - stream.held_bytes
-        self.update_gauges(used)
+        self.update_gauges()
+
+    def _update_gauges_now_and_then(self, used: int) -> None:
+        self.metrics.state_bytes.labels(self.model.name).set(used)
+        if time.monotonic() - self._gauges_at > GAUGES_EVERY:
+            self.update_gauges(used)
 
     def update_gauges(self, resident_bytes: int | None = None) -> None:
+        self._gauges_at = time.monotonic()
         resident = sum(1 for s in self.streams.values() if s.resident)
         self.metrics.streams.labels(self.model.name, "resident").set(resident)
         self.metrics.streams.labels(self.model.name, "evicted").set(len(self.streams) - resident)
@@ -262,6 +298,7 @@ class StreamTable:
 
     def learn_one_owed(self) -> bool:
         """Apply one owed update (the least recently used stream's); False when none is owed."""
+        self.recount_soon()
         for stream in self.streams.values():
             if stream.pending:
                 stream.learn(self.metrics)
@@ -278,6 +315,7 @@ class StreamTable:
         Returns (streams saved, ids of the streams that could not be saved): one failing write
         does not stop the others."""
         started, saved, failed = time.monotonic(), 0, []
+        self.recount_soon()
         for stream in list(self.streams.values()):
             try:
                 if stream.resident and (stream.dirty or not changed_only):

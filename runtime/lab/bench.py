@@ -17,6 +17,7 @@ machine load; medians of the timed batches after two warm-up batches.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -72,8 +73,13 @@ def add_arguments(p):
     p.add_argument("--memory-budget-mb", type=float, default=2048.0,
                    help="the budget of the memory section (default: the server's default, 2048)")
     p.add_argument("--load", action="store_true", help="add the load section")
-    p.add_argument("--streams", type=int, default=64, help="concurrent streams of the load section")
+    p.add_argument("--streams", type=_counts, default=[64], metavar="N[,N...]",
+                   help="concurrent streams of the load section; several (e.g. 32,256,512) run one after another "
+                        "against the same server, and each one's goodput is given over the best of them")
     p.add_argument("--seconds", type=float, default=60.0, help="duration of the load section")
+    p.add_argument("--no-grpc-retry", action="store_true",
+                   help="load clients retry refusals by hand (exponential backoff) instead of with gRPC's retry "
+                        "policy, which follows the server's retry pushback")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
@@ -99,6 +105,16 @@ def machine(device) -> dict:
 
 
 # ---------------------------------------------------------------------------------- models
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected stream counts like 64 or 32,256,512, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"stream counts must be at least 1, got {text!r}")
+    return counts
+
+
 def load_model(name: str, device):
     """(model, input size, prototypes or None)."""
     if name == "resnet50":
@@ -278,7 +294,11 @@ def _grpc_sections(args, sections, device, n, bs, names) -> dict:
         if "latency" in sections:
             out["latency"] = bench_latency(server.target, names, bs, n)
         if "load" in sections:
-            out["load"] = bench_load(server.target, args.streams, args.seconds)
+            runs = [bench_load(server.target, n, args.seconds, retry=not args.no_grpc_retry) for n in args.streams]
+            peak = max(r["requests_per_s"] for r in runs)
+            for r in runs:
+                r["goodput_over_peak"] = r["requests_per_s"] / peak if peak else math.nan
+            out["load"] = runs
     finally:
         server.stop()
     return out
@@ -329,13 +349,14 @@ def print_tables(result: dict) -> None:
                [("batch", "batch", "d"), ("torch_ms", "torch ms", ".2f"), ("onnx_ms", "onnx ms", ".2f"),
                 ("onnx_over_torch", "onnx×torch", ".2f"), ("faster", "faster", "s"),
                 ("max_abs_diff", "max |Δ|", ".1e")])
-    if "load" in result:
-        r = result["load"]
+    for r in result.get("load", []):
         print(f"\nload: {r['streams']} streams ({'/'.join(r['policies'])}), batch {r['batch']}, {r['seconds']:.1f} s: "
               f"{r['requests']} requests, {r['errors']} errors, {r['requests_per_s']:.1f} req/s "
-              f"({r['images_per_s']:.0f} images/s); latency p50 {r.get('p50_ms', math.nan):.1f} ms, "
-              f"p99 {r.get('p99_ms', math.nan):.1f} ms, max {r.get('max_ms', math.nan):.1f} ms")
-        print(f"  {r['refused']} refused (backed off, retried), {r['missed_deadline']} missed their "
+              f"({r['images_per_s']:.0f} images/s, {r['goodput_over_peak']:.2f} of the best run); latency p50 "
+              f"{r.get('p50_ms', math.nan):.1f} ms, p99 {r.get('p99_ms', math.nan):.1f} ms, "
+              f"max {r.get('max_ms', math.nan):.1f} ms")
+        retried = "gRPC retried them, following the retry pushback" if r["grpc_retry"] else "backed off, retried"
+        print(f"  {r['refused']} refused ({retried}), {r['missed_deadline']} missed their "
               f"{r['client_deadline_s']:g} s deadline; {r['streams_served']}/{r['streams']} streams served, "
               f"replies per stream: fewest {r['replies_per_stream_min']}, median {r['replies_per_stream_median']:g}")
         for msg in r["error_messages"]:

@@ -25,16 +25,29 @@ from runtime.lab.timing import median_ms, paired_times, percentile
 
 
 class Endpoint:
-    """A tritonclient connection to the server's (single) model, plus its tta.v1 control stub."""
+    """A tritonclient connection to the server's (single) model, plus its tta.v1 control stub;
+    `retry`: ModelInfer with gRPC's retry policy (runtime.protocol.RETRY_SERVICE_CONFIG), which
+    honours the server's retry pushback."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, retry: bool = False):
         import grpc
         import tritonclient.grpc as tc
 
         from runtime import protos
+        from runtime.protocol import RETRY_CHANNEL_ARGS
 
         self.tc = tc
-        self.client = tc.InferenceServerClient(target)
+        channel_args = None
+        if retry:  # tritonclient's own defaults (message sizes, keepalive) plus the retry policy
+            keepalive = tc.KeepAliveOptions()
+            channel_args = [("grpc.max_send_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+                            ("grpc.max_receive_message_length", tc.MAX_GRPC_MESSAGE_SIZE),
+                            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+                            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+                            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+                            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+                            *RETRY_CHANNEL_ARGS]
+        self.client = tc.InferenceServerClient(target, channel_args=channel_args)
         index = self.client.get_model_repository_index()
         meta = self.client.get_model_metadata(index.models[0].name if index.models else "demo")
         self.model, self.in_name, self.out_name = meta.name, meta.inputs[0].name, meta.outputs[0].name

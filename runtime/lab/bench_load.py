@@ -1,10 +1,13 @@
 """The load section of `tta bench` (`--load`): many concurrent streams against a real `tta serve`
 on loopback for a bounded time. Each stream is one client thread with its own tritonclient
 connection and stream id, sending unary requests back to back with a client deadline; the
-streams take the policies of a mix in turn (SetPolicy before the clock starts). A client told
-RESOURCE_EXHAUSTED or UNAVAILABLE backs off as a well-behaved gRPC client does (exponentially
-with jitter, from 25 ms up to 1.6 s, reset by a reply) and tries again; those refusals and the
-requests that missed their deadline are counted apart from errors, whose expected count is zero.
+streams take the policies of a mix in turn (SetPolicy before the clock starts). Clients behave
+as well-behaved gRPC clients do: with `retry` (the default) gRPC itself retries a refusal
+(RESOURCE_EXHAUSTED) under runtime.protocol.RETRY_SERVICE_CONFIG, waiting as long as the
+server's retry pushback says; a refusal that still comes back (attempts used up), or every
+refusal without `retry`, makes the client back off (exponentially with jitter, from 25 ms up to
+1.6 s, reset by a reply) and try again. Those refusals and the requests that missed their
+deadline are counted apart from errors, whose expected count is zero.
 Goodput is the replies per second; fairness is how evenly the streams were served (the fewest
 and the median replies per stream).
 
@@ -25,8 +28,9 @@ BACKOFF = (0.025, 1.6)  # seconds: first and longest wait after a refusal
 
 
 def bench_load(target: str, streams: int = 64, seconds: float = 60.0, batch: int = 8,
-               policies: tuple[str, ...] = ("source", "bn", "tent"), timeout: float = 10.0) -> dict:
-    endpoints = [Endpoint(target) for _ in range(streams)]
+               policies: tuple[str, ...] = ("source", "bn", "tent"), timeout: float = 10.0,
+               retry: bool = True) -> dict:
+    endpoints = [Endpoint(target, retry=retry) for _ in range(streams)]
     ids = [f"bench-load-{i:03d}" for i in range(streams)]
     policy_of = {sid: policies[i % len(policies)] for i, sid in enumerate(ids)}
     for ep, sid in zip(endpoints, ids):
@@ -85,7 +89,7 @@ def bench_load(target: str, streams: int = 64, seconds: float = 60.0, batch: int
     return {"streams": streams, "seconds": elapsed, "batch": batch, "policies": list(policies),
             **summary(everything), "errors": len(errors), "error_messages": errors[:20],
             "requests_per_s": len(everything) / elapsed, "images_per_s": len(everything) * batch / elapsed,
-            "refused": refused[0], "missed_deadline": late[0], "client_deadline_s": timeout,
+            "refused": refused[0], "missed_deadline": late[0], "client_deadline_s": timeout, "grpc_retry": retry,
             "streams_served": sum(1 for vs in latencies.values() if vs),
             "replies_per_stream_min": min(len(vs) for vs in latencies.values()),
             "replies_per_stream_median": float(np.median([len(vs) for vs in latencies.values()])),

@@ -39,6 +39,16 @@ def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
     return data[:limit - 32].decode("utf-8", "ignore") + f"…(cut, {len(data)} bytes)"
 
 
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC's standard trailer (gRFC A6): retry no sooner than this
+
+
+def trailers_of(error: Exception) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata for a failure: the retry pushback of a refusal under load. gRPC clients
+    with a retry policy for the code (e.g. RESOURCE_EXHAUSTED) wait that long before retrying."""
+    retry_after = getattr(error, "retry_after", None)
+    return ((RETRY_PUSHBACK, str(max(1, round(retry_after * 1000)))),) if retry_after else ()
+
+
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(error, EngineError):
         return getattr(grpc.StatusCode, error.code, grpc.StatusCode.INTERNAL), bounded(error.message)
@@ -100,7 +110,7 @@ def unary(method: str, inference: bool = False, quiet: bool = False):
                     raise request.error()
                 response = await handler(self, request, context)
             except (EngineError, InputError) as e:
-                await context.abort(*account.failed(e))
+                await context.abort(*account.failed(e), trailers_of(e))
             account.ok()
             return response
         return wrapper

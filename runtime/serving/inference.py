@@ -10,7 +10,7 @@ from runtime.model_config import LoadedModel
 from runtime.preprocess import DecodeBudget, InputError
 from runtime.protocol import INPUT_NAME, OUTPUT_NAME, VERSION
 from runtime.serving import wire
-from runtime.serving.errors import Malformed, Outcomes, Request, unary
+from runtime.serving.errors import Malformed, Outcomes, Request, trailers_of, unary
 from runtime.serving.wire import mc, pb, pb_grpc
 
 EXTENSIONS = ["classification", "model_configuration", "parameters", "sequence", "sequence(string_id)",
@@ -145,7 +145,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 if error is not None:
                     code, message = account.failed(error)
                     if grpc_errors:  # Triton's opt-in: a real status, and the stream ends
-                        await context.abort(code, message)
+                        await context.abort(code, message, trailers_of(error))
                     response = pb.ModelStreamInferResponse(
                         error_message=f"{code.name}: {message}",
                         infer_response=pb.ModelInferResponse(model_name=getattr(request, "model_name", ""),

@@ -108,3 +108,31 @@ def test_a_stream_over_its_queue_limit_gets_resource_exhausted_others_do_not(bus
     assert all(r.startswith("StatusCode.RESOURCE_EXHAUSTED") and "'hog' already has 2 batches waiting" in r
                for r in refused), refused
     assert results["other"] == ["ok"]
+
+
+def test_a_refusal_carries_grpc_retry_pushback(busy_server):
+    """RESOURCE_EXHAUSTED for load comes with gRPC's standard `grpc-retry-pushback-ms` trailer
+    (whole milliseconds), which gRPC clients with a retry policy (runtime.protocol.RETRY_SERVICE_CONFIG)
+    wait out before retrying."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    x = np.full((4, 3, 16, 16), 0.2, np.float32)
+    req = service_pb2.ModelInferRequest(model_name="tiny", raw_input_contents=[x.tobytes()])
+    req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+    req.parameters["stream_id"].string_param = "pushy"
+    heavy = occupy(busy_server)
+    with grpc.insecure_channel(busy_server.target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        waiting = [stub.ModelInfer.future(req) for _ in range(2)]  # its queue limit: 2
+        time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(req)
+        sent_at = time.monotonic()
+        for w in waiting:
+            w.result(timeout=120)
+    heavy.join(120)
+    assert heavy.done_at > sent_at, "the engine was not busy long enough for this test to mean anything"
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    pushback = dict(refused.value.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+    assert pushback is not None and pushback.isdigit() and int(pushback) >= 1, refused.value.trailing_metadata()
+    assert "already has 2 batches waiting" in refused.value.details()

@@ -97,3 +97,45 @@ def test_a_stream_refused_for_a_full_queue_gets_in_when_it_comes_back(tiny):
 
     errors = run_engine(tiny, scenario, max_queue=4)
     assert all(e.code == "RESOURCE_EXHAUSTED" and "queue is full" in e.message for e in errors)
+
+
+def test_streams_refused_for_a_full_queue_are_told_to_come_back_in_turn(tiny):
+    """Each refusal for a full queue says when to retry (sent as gRPC's retry pushback): the k-th
+    stream refused is due after about k batches (seconds_per_job each), so refused clients come
+    back in the order they were refused, spread out; a stream refused again keeps its turn."""
+    async def scenario(engine):
+        busy = engine.jobs.submit(lambda: time.sleep(0.3))
+        queued = [engine.enqueue_infer(f"s{i}", batch(i)) for i in range(4)]  # 4 of 4
+        engine.jobs.seconds_per_job = 0.1
+        hints = {}
+        for name in ("a", "b", "c"):
+            with pytest.raises(EngineError) as refused:
+                engine.enqueue_infer(name, batch(5))
+            hints[name] = refused.value.retry_after
+        retried = engine.enqueue_infer("a", batch(5))  # an extra place (4 // 4 = 1) ...
+        with pytest.raises(EngineError) as again:
+            engine.enqueue_infer("b", batch(6))  # ... taken: b is told its turn again, not a later one
+        await asyncio.gather(busy, retried, *queued)
+        return hints, again.value
+
+    hints, again = run_engine(tiny, scenario, max_queue=4)
+    assert 0.09 <= hints["a"] <= 0.11 and 0.18 <= hints["b"] <= 0.22 and 0.27 <= hints["c"] <= 0.33, hints
+    assert again.code == "RESOURCE_EXHAUSTED" and "retry in about" in again.message
+    assert 0 < again.retry_after <= hints["b"]
+
+
+def test_refusals_for_the_wait_say_when_to_retry(tiny):
+    async def scenario(engine):
+        for i in range(3):
+            await engine.infer("s", batch(i))
+        engine.jobs.seconds_per_job = 1.0
+        busy = engine.jobs.submit(lambda: time.sleep(0.3))
+        admitted = engine.enqueue_infer("s1", batch(1))
+        with pytest.raises(EngineError) as late:  # 1 s behind, with 0.5 s to its deadline
+            engine.enqueue_infer("s2", batch(2), deadline=time.monotonic() + 0.5)
+        await asyncio.gather(busy, admitted)
+        return late.value
+
+    error = run_engine(tiny, scenario)
+    assert error.code == "RESOURCE_EXHAUSTED" and "deadline" in error.message
+    assert 0.5 <= error.retry_after <= 1.0  # within the second half of the second the queue takes

@@ -16,7 +16,7 @@ def _positive(v) -> bool:
 
 def test_quick_bench_reports_every_section():
     result = subprocess.run([sys.executable, "-m", "runtime.cli", "bench", "--quick", "--threads", "1", "--json",
-                             "--load", "--seconds", "3", "--streams", "4", "--memory-budget-mb", "1"],
+                             "--load", "--seconds", "3", "--streams", "2,4", "--memory-budget-mb", "1"],
                             capture_output=True, text=True, timeout=180, cwd=REPO,
                             env=dict(os.environ, TTA_NO_PROGRESS="1"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -66,7 +66,10 @@ def test_quick_bench_reports_every_section():
     assert c["n_augmentations"] == 32 and _positive(c["speedup"]) and c["max_abs_diff"] < 1e-3
     assert any(t["target"].startswith("cotta") for t in report["targets"])
 
-    load = report["load"]
+    assert [r["streams"] for r in report["load"]] == [2, 4]  # one run per count, against one server
+    assert max(r["goodput_over_peak"] for r in report["load"]) == 1.0
+    assert all(0 < r["goodput_over_peak"] <= 1 and r["grpc_retry"] for r in report["load"])
+    load = report["load"][1]
     assert load["errors"] == 0, load["error_messages"]
     assert load["streams"] == 4 and load["streams_served"] == 4 and load["requests"] > 0
     assert 3 <= load["seconds"] < 60 and load["p99_ms"] >= load["p50_ms"] > 0
