@@ -68,7 +68,8 @@ def _print_stream(s) -> None:
     hp = " ".join(f"{k}={v}" for k, v in sorted(s.hyperparameters.items()))
     accuracy = f"{s.accuracy:.3f} ({s.feedback_correct}/{s.feedback_labels})" if s.feedback_labels else "-"
     print(f"{s.stream_id}: policy {s.policy}{' ' + hp if hp else ''}; step {s.step}, {s.batches} batches, "
-          f"{s.samples} samples; {'in memory' if s.resident else 'on disk'}, {s.state_bytes} B state\n"
+          f"{s.samples} samples; {'in memory' if s.resident else 'on disk'}, {s.state_bytes} B state"
+          f"{f', held by replica {s.holder}' if s.holder else ''}\n"
           f"  bn_shift {s.bn_shift:.3f}  entropy {s.entropy:.3f}  confidence {s.confidence:.3f}  "
           f"class-marginal entropy {s.class_marginal_entropy:.3f}  weight distance {s.weight_distance:.4f}  "
           f"loss {s.last_loss:.4f}\n  accuracy {accuracy}; snapshots: {', '.join(s.snapshots) or 'none'}; "

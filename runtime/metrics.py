@@ -86,6 +86,23 @@ class Metrics:
         self.durable = Gauge("tta_state_durable", "1 while writes to the state directory succeed; 0 after one "
                              "failed (disk full, read-only, I/O error) until one succeeds: adapted state is then "
                              "in memory only", ["model"], registry=r)
+        # replicas (runtime/coordination): zero and unused without --coordinator
+        self.streams_held = Gauge("tta_streams_held", "Streams whose etcd owner key this replica holds", ["model"],
+                                  registry=r)
+        self.handoffs = Counter("tta_handoffs_total", "Streams taken over from (in) or released to (out) another "
+                                "replica", ["model", "direction"], registry=r)
+        self.handoff_seconds = Histogram("tta_handoff_seconds", "Time from asking a stream's holder to release it "
+                                         "to holding it", ["model", "direction"], registry=r,
+                                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.handoff_timeouts = Counter("tta_handoff_timeouts_total", "Requests answered UNAVAILABLE because the "
+                                        "stream's holder did not release it within --handoff-timeout", ["model"],
+                                        registry=r)
+        self.lease_losses = Counter("tta_lease_losses_total", "Times this replica found its etcd lease gone",
+                                    ["model"], registry=r)
+        self.fencing_refusals = Counter("tta_fencing_refusals_total", "Checkpoint commits refused because this "
+                                        "replica no longer held the stream", ["model"], registry=r)
+        self.coordinator_up = Gauge("tta_coordinator_up", "1 while the last etcd call succeeded", ["model"],
+                                    registry=r)
         self.grouped_batches = Histogram("tta_grouped_batches", "Batches of different streams predicted in one "
                                          "forward pass (cross-stream batching), per pass", ["model"],
                                          buckets=BATCH_BUCKETS, registry=r)

@@ -26,6 +26,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from runtime.checkpoints import STATE_KEY_ENV, key_id, load_key
+from runtime.coordination.etcd import Etcd, parse_endpoints
+from runtime.coordination.ownership import Ownership
+from runtime.coordination.peers import Peers
 from runtime.engine import Engine, EngineError
 from runtime.guard import GuardConfig
 from runtime.metrics import Metrics
@@ -130,6 +133,20 @@ def add_arguments(p) -> None:
                                                  f"on read-only control RPCs too (those take this or the control "
                                                  f"token; token read from this file, or from ${INFERENCE_TOKEN_ENV}); "
                                                  f"ServerLive, ServerReady and grpc.health.v1 stay open for probes")
+    p.add_argument("--coordinator", metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                   help="several replicas share streams: each stream is held by one replica at a time through "
+                        "leases in etcd, checkpoint commits are fenced, and a replica asked for a stream another "
+                        "one holds takes it over (docs/OPERATIONS.md, 'Several replicas'). Needs --replica-id, "
+                        "--advertise and a --state-dir all replicas share. Default: one process, no etcd")
+    p.add_argument("--replica-id", help="this replica's unique, stable name (e.g. the StatefulSet pod name)")
+    p.add_argument("--advertise", metavar="HOST:PORT",
+                   help="where the other replicas reach this one's gRPC port (to ask it to hand a stream over)")
+    p.add_argument("--lease-ttl", type=int, default=10, metavar="SECONDS",
+                   help="etcd lease of this replica: a replica that stops renewing it loses its streams after "
+                        "this long, and serves its streams no longer than this without reaching etcd (default: 10)")
+    p.add_argument("--handoff-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a request waits for the replica holding its stream to hand it over; beyond: "
+                        "UNAVAILABLE naming the holder in trailing metadata `tta-holder` (default: 5)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -156,11 +173,17 @@ async def serve(args) -> int:
     elif args.state_dir:
         log.info("state files carry a SHA-256 checksum but no signature (no --state-key-file): the state dir "
                  "must be writable by trusted parties only")
+    try:
+        ownership = _coordination(args, model, metrics)
+    except (ValueError, ConnectionError) as e:
+        log.error("--coordinator: %s", e)
+        return 2
     engine = Engine(model, metrics, state_dir=args.state_dir, max_streams=args.max_streams,
                     memory_budget_bytes=int(args.memory_budget_mb * 2**20), max_queue=args.max_queue,
                     guard=guard, max_stream_queue=args.max_stream_queue,
                     checkpoint_interval=args.checkpoint_interval, max_group=args.max_group,
-                    max_queue_wait=args.max_queue_wait, stream_ttl=args.stream_ttl, state_key=state_key)
+                    max_queue_wait=args.max_queue_wait, stream_ttl=args.stream_ttl, state_key=state_key,
+                    ownership=ownership, handoff_timeout=args.handoff_timeout)
     log.info("model %r loaded: %s on %s, input [N, %d, %d, %d], %d classes%s", model.name, model.platform,
              model.device, model.channels, model.height, model.width, model.num_classes,
              "" if model.can_adapt() else " (frozen: source policy only)")
@@ -263,6 +286,31 @@ async def serve(args) -> int:
         metrics_http.shutdown()
     log.info("stopped")
     return 1 if failed else 0
+
+
+def _coordination(args, model, metrics) -> Ownership | None:
+    """The replica's stream ownership through etcd, started (its lease taken); None without --coordinator."""
+    if not args.coordinator:
+        return None
+    missing = [flag for flag, value in (("--replica-id", args.replica_id), ("--advertise", args.advertise),
+                                        ("--state-dir", args.state_dir)) if not value]
+    if missing:
+        raise ValueError(f"replicas need {', '.join(missing)} too (a unique name, the address the others reach "
+                         f"this one at, and the state dir they share)")
+    if args.lease_ttl < 2:
+        raise ValueError("--lease-ttl must be at least 2 seconds")
+    client = Etcd(parse_endpoints(args.coordinator))
+    roots = None
+    if args.tls_cert:  # replicas reach each other as clients do: over TLS, trusting our CA (or certificate)
+        with open(args.tls_client_ca or args.tls_cert, "rb") as f:
+            roots = f.read()
+    peers = Peers(model.name, security.read_token(args.control_token_file, CONTROL_TOKEN_ENV), roots)
+    ownership = Ownership(client, model.name, args.replica_id, args.advertise, args.lease_ttl, metrics,
+                          peers.ask_release)
+    ownership.start()
+    log.info("replica %s (advertised at %s): streams held through etcd at %s, lease %d s", args.replica_id,
+             args.advertise, args.coordinator, args.lease_ttl)
+    return ownership
 
 
 async def _watch_durability(engine: Engine, health_servicer, every: float = 1.0) -> None:

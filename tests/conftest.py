@@ -75,8 +75,9 @@ class ServerProcess(LocalServer):
     environment (one OpenMP thread, no progress bars), from the repository root; stop() sends
     SIGTERM and returns the exit code."""
 
-    def __init__(self, *args: str, timeout: float = 60.0):
-        super().__init__(*args, env={"OMP_NUM_THREADS": "1", "TTA_NO_PROGRESS": "1"}, cwd=REPO, timeout=timeout)
+    def __init__(self, *args: str, timeout: float = 60.0, port: int = 0):
+        super().__init__(*args, env={"OMP_NUM_THREADS": "1", "TTA_NO_PROGRESS": "1"}, cwd=REPO, timeout=timeout,
+                         port=port)
 
 
 @pytest.fixture(scope="session")

@@ -145,7 +145,8 @@ def test_imports_point_down():
     serving = {m for m in graph if m.startswith("runtime.serving")}
     engine = {m for m in graph if m.startswith("runtime.engine")}
     below_engine = {"runtime.guard", "runtime.drift", "runtime.metrics", "runtime.checkpoints",
-                    "runtime.model_config", "runtime.preprocess", "runtime.protocol"}
+                    "runtime.model_config", "runtime.preprocess", "runtime.protocol",
+                    *(m for m in graph if m.startswith("runtime.coordination"))}
     for module in engine | below_engine | {m for m in graph if m.startswith("adapters")}:
         assert not graph[module] & (serving | {"runtime.server"}), f"{module} imports the serving layer"
     for module in below_engine | {m for m in graph if m.startswith("adapters")}:

@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 
 from runtime.checkpoints import CorruptCheckpoint
-from runtime.engine.errors import EngineError, check_snapshot_name, shown
+from runtime.engine.errors import EngineError, check_snapshot_name, shown, storage_error
 from runtime.engine.policies import Policies
-from runtime.engine.table import REMEMBERED_REQUESTS, StreamTable, storage_error
+from runtime.engine.table import REMEMBERED_REQUESTS, StreamTable
 from runtime.metrics import Metrics
 from runtime.model_config import LoadedModel
 
@@ -19,7 +19,10 @@ class Control:
         self.model, self.table, self.policies, self.metrics = model, table, policies, metrics
 
     def _info(self, stream) -> dict:
-        return stream.info(self.model.name)
+        info = stream.info(self.model.name)
+        ownership = self.table.ownership
+        info["holder"] = ownership.replica_id if ownership is not None else ""
+        return info
 
     def get(self, stream_id: str) -> dict:
         stream = self.table.peek(stream_id)
@@ -30,6 +33,8 @@ class Control:
 
     def list(self) -> list[dict]:
         streams = list(self.table.streams.values())
+        if self.table.ownership is not None:  # replicas: copies not held here now are nobody's to report
+            streams = [s for s in streams if self.table.ownership.holds(s.id)]
         for stream in streams:
             self.table.learn_owed(stream)  # report the state every reply so far has led to
         return [self._info(s) for s in streams]

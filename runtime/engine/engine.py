@@ -16,6 +16,7 @@ streams beyond the memory budget go to disk and come back on their next batch (e
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -27,9 +28,12 @@ import numpy as np
 import torch
 
 from runtime.checkpoints import REASONS, StateStore
+from runtime.coordination.etcd import EtcdUnavailable
+from runtime.coordination.fenced_store import FencedStore
+from runtime.coordination.ownership import HandoffTimeout, NoLease, Ownership
 from runtime.engine.batches import Batch, Batches, InferResult
 from runtime.engine.control import Control
-from runtime.engine.errors import EngineError, check_stream_id
+from runtime.engine.errors import EngineError, check_stream_id, shown
 from runtime.engine.jobs import STOP, Job, Jobs
 from runtime.engine.policies import Policies
 from runtime.engine.table import StreamTable
@@ -45,8 +49,11 @@ class Engine:
                  max_streams: int = 1024, memory_budget_bytes: int = 2 << 30, max_queue: int = 256,
                  guard: GuardConfig | None = None, max_stream_queue: int = 64,
                  checkpoint_interval: float = 0.0, max_group: int | None = None, max_queue_wait: float = 0.0,
-                 stream_ttl: float = 0.0, state_key: bytes | None = None):
+                 stream_ttl: float = 0.0, state_key: bytes | None = None, ownership: Ownership | None = None,
+                 handoff_timeout: float = 5.0):
         self.model = model
+        # replicas: streams are held through etcd (runtime/coordination); None: this process owns all
+        self.ownership, self.handoff_timeout = ownership, handoff_timeout
         self.metrics = metrics or Metrics(model.name, model.tracked_streams)
         self.max_streams, self.memory_budget = max_streams, memory_budget_bytes
         # queued batches of different streams that can share one forward pass (adapters/batched.py):
@@ -66,11 +73,12 @@ class Engine:
         rejected = self.metrics.state_files_rejected
         for reason in REASONS:  # every series exists from the start, at 0
             rejected.labels(model.name, reason)
-        self.store = StateStore(state_dir or self._tmp_dir, key=state_key, model_fingerprint=model.fingerprint,
-                                on_reject=lambda reason: rejected.labels(model.name, reason).inc())
+        store = StateStore if ownership is None else functools.partial(FencedStore, ownership=ownership)
+        self.store = store(state_dir or self._tmp_dir, key=state_key, model_fingerprint=model.fingerprint,
+                           on_reject=lambda reason: rejected.labels(model.name, reason).inc())
         self.policies = Policies(model)
         self.table = StreamTable(model, self.policies, self.metrics, self.store, self.persistent, max_streams,
-                                 memory_budget_bytes, guard or GuardConfig())
+                                 memory_budget_bytes, guard or GuardConfig(), ownership)
         self.batches = Batches(model, self.table, self.metrics)
         self.control = Control(model, self.table, self.policies, self.metrics)
         self.jobs = Jobs(max_queue, max_stream_queue, self.metrics, max_queue_wait)
@@ -97,9 +105,50 @@ class Engine:
                     end: bool = False, deadline: float | None = None) -> InferResult:
         return await self.enqueue_infer(stream_id, x, request_id, start, end, deadline)
 
+    async def claim(self, stream_id: str | None, deadline: float | None = None) -> None:
+        """With replicas: make sure this replica holds the stream before its work is queued,
+        taking it over from its holder if need be (latency, not an error, within
+        --handoff-timeout or the request's deadline). Without a coordinator: nothing to do."""
+        if self.ownership is None:
+            return
+        stream_id = check_stream_id(stream_id)
+        if self.ownership.holds(stream_id):
+            return
+        timeout = self.handoff_timeout
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+        try:
+            await self.jobs.once(stream_id, lambda: self.ownership.acquire(stream_id, timeout))
+        except HandoffTimeout as e:
+            raise EngineError("UNAVAILABLE", f"stream {shown(stream_id)} is held by replica {e.holder} ({e.advertise}), "
+                                             f"which did not hand it over within {e.waited:.1f} s; retry",
+                              metadata=(("tta-holder", f"{e.holder}@{e.advertise}"),)) from None
+        except NoLease:
+            raise EngineError("UNAVAILABLE", "this replica has no valid etcd lease now (etcd unreachable, or the "
+                                             "lease was lost): it takes no stream until it has one; retry") from None
+        except (EtcdUnavailable, OSError) as e:
+            raise EngineError("UNAVAILABLE", f"the coordinator cannot be reached ({e}): this replica serves only the "
+                                             f"streams it holds; retry later") from None
+
+    async def hand_over(self, stream_id: str) -> dict:
+        """ReleaseStream: give the stream to the replica asking for it (see StreamTable.hand_over)."""
+        if self.ownership is None:
+            raise EngineError("FAILED_PRECONDITION", "this server runs without --coordinator: there is no other "
+                                                     "replica to hand a stream to")
+        stream_id = check_stream_id(stream_id)
+
+        def release():
+            try:
+                self.table.hand_over(stream_id)
+            except (EtcdUnavailable, OSError) as e:
+                raise EngineError("UNAVAILABLE", f"stream {shown(stream_id)} was not released: {e}") from None
+            return {"model": self.model.name, "stream_id": stream_id, "holder": ""}
+        return await self.jobs.submit(release, stream_id)
+
     async def _on_stream(self, stream_id: str, operation):
         """Run a control operation of one stream on the worker, in order with its batches."""
         stream_id = check_stream_id(stream_id)
+        await self.claim(stream_id)
         return await self.jobs.submit(lambda: operation(stream_id), stream_id)
 
     async def set_policy(self, stream_id: str, policy: str, hyperparameters: dict[str, str]) -> dict:
@@ -151,7 +200,10 @@ class Engine:
     async def drain_and_checkpoint(self) -> tuple[int, list[str]]:
         """Finish queued work and owed updates, then (with a state dir) save every stream and stop
         the worker. Returns (streams saved, ids of the streams that could not be saved)."""
-        return await self.jobs.finish(self.control.checkpoint_all)
+        result = await self.jobs.finish(self.control.checkpoint_all)
+        if self.ownership is not None:  # scale-in: every stream free for the other replicas at once
+            self.ownership.close()
+        return result
 
     @property
     def durable(self) -> bool:

@@ -3,6 +3,8 @@ message for the client), `shown` (how a message echoes what a client sent: bound
 checks of the names a request gives (stream id, snapshot name)."""
 from __future__ import annotations
 
+import errno
+
 from runtime.checkpoints import MAX_FILE_NAME, SNAPSHOT_NAME, file_name
 from runtime.protocol import DEFAULT_STREAM
 
@@ -25,11 +27,13 @@ class EngineError(Exception):
     a refusal under load, is when the engine expects room again (sent as gRPC's standard
     retry pushback, so clients with a retry policy come back then instead of at once)."""
 
-    def __init__(self, code: str, message: str, retry_after: float | None = None):
+    def __init__(self, code: str, message: str, retry_after: float | None = None,
+                 metadata: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.code = code  # a grpc.StatusCode name
         self.message = message
         self.retry_after = retry_after
+        self.metadata = metadata  # trailing metadata for the client, e.g. ("tta-holder", "replica@host:port")
 
 
 def check_stream_id(stream_id: str | None) -> str:
@@ -53,3 +57,13 @@ def check_snapshot_name(name: str) -> str:
         raise EngineError("INVALID_ARGUMENT", f"snapshot name {shown(name, 80)}: use letters, digits, '.', '_', '-' "
                                               f"(at most 64, starting with a letter or digit)")
     return name
+
+
+def storage_error(e: OSError, doing: str) -> EngineError:
+    """A failed read or write of the state dir, as a client should hear it (no server paths): a
+    full disk is RESOURCE_EXHAUSTED, anything else (read-only, I/O error, permissions) UNAVAILABLE."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    why = e.strerror or type(e).__name__
+    return EngineError("RESOURCE_EXHAUSTED" if full else "UNAVAILABLE",
+                       f"{doing}: the state directory {'is full' if full else 'cannot be used'} ({why}); "
+                       f"{'free space' if full else 'fix the volume'} and retry")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import queue
 import random
 import threading
@@ -42,6 +43,7 @@ from runtime.metrics import Metrics
 STOP = object()  # the job that ends the worker loop
 REFUSED_MEMORY = 5.0  # seconds past its hinted retry time a refused stream keeps its claim on an extra place
 MAX_RETRY_AFTER = 30.0  # seconds: the longest retry hint
+BLOCKING_THREADS = 32  # threads for blocking calls off the event loop (Jobs.once: streams being taken over)
 
 
 @dataclass
@@ -113,6 +115,8 @@ class Jobs:
         self.seconds_per_job = 0.0  # moving average of the time a batch job takes (worker side)
         self._accepting = True
         self._thread: threading.Thread | None = None
+        self._once: dict[str, asyncio.Future] = {}
+        self._blocking: concurrent.futures.ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ event-loop side
     def submit(self, fn: Callable[[], Any], stream_id: str | None = None, batch: Any = None,
@@ -203,6 +207,18 @@ class Jobs:
 
     def _depth(self) -> None:
         self.metrics.queue_depth.labels(self.metrics.model).set(self.queued)
+
+    async def once(self, key: str, fn: Callable[[], Any]):
+        """Run a blocking `fn` off the event loop (not on the worker); concurrent calls with the
+        same key wait for the one run and share its result or error."""
+        running = self._once.get(key)
+        if running is None:
+            if self._blocking is None:  # its own threads: many waiting hand-offs must not starve image decoding
+                self._blocking = concurrent.futures.ThreadPoolExecutor(BLOCKING_THREADS, "tta-claim")
+            running = asyncio.get_running_loop().run_in_executor(self._blocking, fn)
+            self._once[key] = running
+            running.add_done_callback(lambda _: self._once.pop(key, None))
+        return await asyncio.shield(running)
 
     def stop_accepting(self) -> None:
         self._accepting = False

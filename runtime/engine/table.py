@@ -6,14 +6,15 @@ checkpoints, and remembers recent predictions for feedback.
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import time
 
 import numpy as np
 
 from runtime.checkpoints import CorruptCheckpoint, StateStore
-from runtime.engine.errors import EngineError, shown
+from runtime.coordination.ownership import NotHeld, Ownership, Unheld
+from runtime.engine.errors import EngineError, shown, storage_error
+from runtime.engine.holding import Holding
 from runtime.engine.policies import Policies
 from runtime.engine.stream import Stream
 from runtime.guard import GuardConfig
@@ -27,20 +28,15 @@ RECOUNT_EVERY = 1.0  # seconds between full counts of what resident streams hold
 GAUGES_EVERY = 0.5  # seconds between updates of the stream-count gauges on the batch path
 
 
-def storage_error(e: OSError, doing: str) -> EngineError:
-    """A failed read or write of the state dir, as a client should hear it (no server paths): a
-    full disk is RESOURCE_EXHAUSTED, anything else (read-only, I/O error, permissions) UNAVAILABLE."""
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    why = e.strerror or type(e).__name__
-    return EngineError("RESOURCE_EXHAUSTED" if full else "UNAVAILABLE",
-                       f"{doing}: the state directory {'is full' if full else 'cannot be used'} ({why}); "
-                       f"{'free space' if full else 'fix the volume'} and retry")
-
-
 class StreamTable:
     def __init__(self, model: LoadedModel, policies: Policies, metrics: Metrics, store: StateStore,
-                 persistent: bool, max_streams: int, memory_budget: int, guard: GuardConfig):
+                 persistent: bool, max_streams: int, memory_budget: int, guard: GuardConfig,
+                 ownership: Ownership | None = None):
         self.model, self.policies, self.metrics, self.store = model, policies, metrics, store
+        # with replicas (runtime/coordination): a stream is served only while this replica holds it,
+        # and a copy is used only if it continues the checkpoint committed when it was taken
+        self.ownership = ownership
+        self.holding = Holding(ownership) if ownership is not None else None
         self.persistent, self.max_streams, self.memory_budget = persistent, max_streams, memory_budget
         self.guard = guard
         self.streams: collections.OrderedDict[str, Stream] = collections.OrderedDict()  # LRU order
@@ -96,6 +92,8 @@ class StreamTable:
     def get(self, stream_id: str, create: bool = True, load: bool = True) -> Stream:
         """The stream, resident in memory (loaded back from disk if evicted, unless `load` is false:
         for operations that replace or drop its state); LRU-touched."""
+        if self.ownership is not None:
+            self._check_held(stream_id)
         stream = self.streams.get(stream_id)
         if stream is None and len(self.streams) < self.max_streams:
             # state another process left in a shared state dir (a replica that checkpointed it
@@ -122,6 +120,27 @@ class StreamTable:
         self.streams.move_to_end(stream_id)
         stream.touch()
         return stream
+
+    def _check_held(self, stream_id: str) -> None:
+        """With replicas: UNAVAILABLE unless this replica holds the stream now; a copy here that
+        does not continue the committed checkpoint (another replica committed since) is dropped,
+        and the committed state is loaded instead."""
+        stream = self.streams.get(stream_id)
+        if self.holding.stale(stream_id, stream is not None):
+            self._drop(stream)
+    def _drop(self, stream: Stream) -> None:
+        """Forget the copy here without saving it (it is not this replica's to save)."""
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
+        stream.evicted()
+        self.holding.forget(stream.id)
+        self.recount_soon()
+
+    def drop_unheld(self, stream: Stream) -> None:
+        log.error("stream %r: this replica no longer holds it, so its state since checkpoint %d was not kept here "
+                  "(fencing); dropped from memory", stream.id, self.holding.base(stream.id))
+        self._drop(stream)
+        self.update_gauges()
 
     def _check_room(self, stream_id: str) -> None:
         if stream_id not in self.streams and len(self.streams) >= self.max_streams:
@@ -165,9 +184,15 @@ class StreamTable:
         files cannot be removed, nothing is forgotten and the error says so (it would come back)."""
         try:
             self._write(lambda: self.store.delete_stream(stream.id))
+        except (NotHeld, Unheld):
+            self._drop(stream)
+            raise EngineError("UNAVAILABLE", f"stream {shown(stream.id)} was not deleted: this replica no longer "
+                                             f"holds it; retry") from None
         except OSError as e:
             raise storage_error(e, f"stream {shown(stream.id)} was not deleted") from None
         del self.streams[stream.id]
+        if self.holding is not None:
+            self.holding.forget(stream.id)
         self.predictions = collections.OrderedDict((k, v) for k, v in self.predictions.items() if v[0] != stream.id)
         self.update_gauges()
 
@@ -195,6 +220,27 @@ class StreamTable:
         if stream is not None and stream.resident:
             self._evict(stream)
             self.update_gauges()
+
+    def hand_over(self, stream_id: str) -> None:
+        """With replicas: give the stream to the replica asking for it - its owed update applied,
+        a checkpoint committed, out of memory, its key released. Not held here: nothing to do."""
+        stream = self.streams.get(stream_id)
+        if not self.ownership.holds(stream_id):
+            if stream is not None and stream_id not in self.ownership.held():
+                self._drop(stream)  # a copy this replica no longer holds is never served again
+            return
+        if stream is not None and stream.resident:
+            self.learn_owed(stream)
+            try:
+                if not self._save(stream, "handoff"):
+                    return  # fenced off: not ours to hand over
+            except OSError as e:
+                raise storage_error(e, f"stream {shown(stream_id)} was not handed over: its state could not be "
+                                       f"saved") from None
+        if stream is not None:
+            self._drop(stream)
+        self.ownership.release(stream_id, handed_over=True)
+        self.update_gauges()
 
     # ------------------------------------------------------------------ memory and disk
     def _load_back(self, stream: Stream) -> None:
@@ -320,7 +366,8 @@ class StreamTable:
             try:
                 if stream.resident and (stream.dirty or not changed_only):
                     self.learn_owed(stream)
-                    self._save(stream, reason)
+                    if not self._save(stream, reason):
+                        continue
                 elif not stream.resident and stream.dirty:  # feedback counted while its state was on disk
                     record = self.store.load_stream(stream.id)
                     record["counters"] = stream.counters()
@@ -329,6 +376,10 @@ class StreamTable:
                 else:
                     continue
                 saved += 1
+            except NotHeld:
+                self.drop_unheld(stream)
+            except Unheld:
+                pass
             except (OSError, CorruptCheckpoint) as e:
                 failed.append(stream.id)
                 log.error("stream %r was not checkpointed: %s", stream.id, getattr(e, "strerror", None) or e)
@@ -358,10 +409,22 @@ class StreamTable:
                 log.error("the state directory cannot be written (%s): adapted state is kept in memory only "
                           "until it can", error.strerror or error)
 
-    def _save(self, stream: Stream, reason: str) -> None:
-        self._write(lambda: self.store.save_stream(stream.id, stream.record()))
+    def _save(self, stream: Stream, reason: str) -> bool:
+        """Checkpoint the stream; False when the commit was fenced off (the stream is then dropped)."""
+        try:
+            self._write(lambda: self.store.save_stream(stream.id, stream.record()))
+        except NotHeld:
+            self.drop_unheld(stream)
+            return False
+        except Unheld:  # kept (taking the stream again checks it continues the committed state) unless memory is short
+            if reason == "eviction":
+                self._drop(stream)
+            return False
         stream.dirty = False
+        if self.holding is not None:
+            self.holding.saved(stream.id)
         self.metrics.checkpoints.labels(self.model.name, reason).inc()
+        return True
 
     def save_snapshot(self, stream: Stream, name: str) -> None:
         self.learn_owed(stream)

@@ -57,6 +57,11 @@ class AdaptationService(tta_grpc.AdaptationServiceServicer):
         self._check_model(request)
         return stream_info(await self.engine.delete_stream(request.stream_id))
 
+    @unary("ReleaseStream")
+    async def ReleaseStream(self, request, context):
+        self._check_model(request)
+        return stream_info(await self.engine.hand_over(request.stream_id))
+
     @unary("Snapshot")
     async def Snapshot(self, request, context):
         self._check_model(request)

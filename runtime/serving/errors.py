@@ -46,7 +46,8 @@ def trailers_of(error: Exception) -> tuple[tuple[str, str], ...]:
     """Trailing metadata for a failure: the retry pushback of a refusal under load. gRPC clients
     with a retry policy for the code (e.g. RESOURCE_EXHAUSTED) wait that long before retrying."""
     retry_after = getattr(error, "retry_after", None)
-    return ((RETRY_PUSHBACK, str(max(1, round(retry_after * 1000)))),) if retry_after else ()
+    pushback = ((RETRY_PUSHBACK, str(max(1, round(retry_after * 1000)))),) if retry_after else ()
+    return pushback + tuple(getattr(error, "metadata", ()))
 
 
 def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:

@@ -100,6 +100,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             x = wire.decode_input(request, self.model, self.max_batch)
         remaining = context.time_remaining()  # the client's deadline: past it, the batch is not run
         deadline = time.monotonic() + remaining if remaining is not None else None
+        await self.engine.claim(call.stream_id, deadline)  # replicas: held here, or handed over first
         return call, self.engine.enqueue_infer(call.stream_id, x, call.request_id, call.start, call.end, deadline)
 
     @unary("ModelInfer", inference=True)

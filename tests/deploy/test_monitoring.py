@@ -83,7 +83,7 @@ def test_dashboard_is_well_formed():
     variables = {v["name"] for v in dash["templating"]["list"]}
     assert {"datasource", "model", "policy", "stream"} <= variables
     rows = [p["title"] for p in dash["panels"] if p["type"] == "row"]
-    assert [r.split()[0] for r in rows] == ["Drift", "Policy", "Serving"]
+    assert [r.split()[0] for r in rows] == ["Drift", "Policy", "Serving", "Replicas"]
     occupied = set()
     for p in dashboard_panels():
         g = p["gridPos"]
