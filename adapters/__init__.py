@@ -19,13 +19,19 @@ from .bn import BatchNormTest
 from .bn_alpha import AlphaBatchNorm
 from .bn_ema import BatchNormEMA
 from .cotta import CoTTA
+from .deyo import DeYO
+from .eata import EATA
+from .lame import LAME
 from .mean_teacher import MeanTeacher
+from .rotta import RoTTA
+from .sar import SAR
 from .source import Source
 from .tent import Tent
 from .unmix_tns import UnMixTNS
 
 REGISTRY: dict[str, type[Adapter]] = {
-    cls.name: cls for cls in (Source, BatchNormTest, AlphaBatchNorm, BatchNormEMA, UnMixTNS, Tent, MeanTeacher, CoTTA)
+    cls.name: cls for cls in (Source, BatchNormTest, AlphaBatchNorm, BatchNormEMA, UnMixTNS, Tent, MeanTeacher, CoTTA,
+                              LAME, SAR, EATA, RoTTA, DeYO)
 }
 
 __all__ = ["Adapter", "available", "describe", "create", "coerce", "REGISTRY"]

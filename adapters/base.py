@@ -122,6 +122,7 @@ class Adapter:
     uses_randomness: bool = False
     adapts: bool = True  # False only for `source`
     deferred_update: bool = True  # False: all the work is in the forward pass, learn() is a no-op
+    state_grows: bool = False  # True: state_bytes() changes as the stream learns (a memory bank fills)
     ensemble_size: int = 1  # the prediction is the sum of this many networks' logits
     HYPERPARAMETERS: tuple[Hyperparameter, ...] = ()
 

@@ -7,6 +7,8 @@
     weights = "demo_resnet.pt"                      # state dict loaded into the factory's module
     # torchscript = "model.pt"  |  exported = "model.pt2"  |  onnx = "model.onnx"
     prototypes = "prototypes.pt"                    # (classes, D) tensor for mean-teacher
+    fisher_data = "fisher.npz"                      # source images for eata's Fisher (x: uint8 NHWC
+                                                    # or float32 NCHW in [0, 1]); without: ETA
     [input]
     size = [32, 32]                                 # H, W; images are resized to it
     channels = 3
@@ -93,6 +95,7 @@ class LoadedModel:
     module: nn.Module | None = None  # what adapters wrap (eval mode, [0, 1] input)
     frozen: Callable[[np.ndarray], np.ndarray] | None = None  # float32 NCHW [0,1] -> logits
     prototypes: torch.Tensor | None = None
+    fisher_data: torch.Tensor | None = None  # float32 NCHW [0, 1] source images for eata's Fisher
     source_path: str = ""
     notes: list[str] = field(default_factory=list)
     # SHA-256 over the source weights (the adaptable module's state dict: keys, dtypes, shapes,
@@ -149,6 +152,28 @@ def _torch_load(path: Path):
     if not path.is_file():
         raise ConfigError(f"file {path} named in the model config does not exist")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+MAX_FISHER_IMAGES = 10000
+
+
+def _fisher_data(path: Path, channels: int, height: int, width: int) -> torch.Tensor:
+    """eata's source images from an .npz (`x`: uint8 NHWC, or float32 NCHW in [0, 1]), never pickled."""
+    if not path.is_file():
+        raise ConfigError(f"file {path} named in the model config does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x = data["x"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: fisher_data must be an .npz with an array 'x' ({e})") from None
+    if x.ndim != 4 or not 0 < len(x) <= MAX_FISHER_IMAGES:
+        raise ConfigError(f"{path}: fisher_data 'x' must hold 1 to {MAX_FISHER_IMAGES} images, got shape {list(x.shape)}")
+    if x.dtype == np.uint8 and x.shape[1:] == (height, width, channels):
+        return torch.from_numpy(x.astype(np.float32) / 255.0).permute(0, 3, 1, 2).contiguous()
+    if x.dtype == np.float32 and x.shape[1:] == (channels, height, width):
+        return torch.from_numpy(np.clip(x, 0.0, 1.0))
+    raise ConfigError(f"{path}: fisher_data 'x' must be uint8 [N, {height}, {width}, {channels}] or float32 "
+                      f"[N, {channels}, {height}, {width}] in [0, 1], got {x.dtype} {list(x.shape)}")
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -347,6 +372,10 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if "prototypes" in mcfg:
         prototypes = _torch_load(_resolve(base, mcfg["prototypes"])).float().to(device)
 
+    fisher_data = None
+    if "fisher_data" in mcfg:
+        fisher_data = _fisher_data(_resolve(base, mcfg["fisher_data"]), channels, height, width).to(device)
+
     policy = default_policy or str(pcfg.get("default", "source"))
     hyper = {k: (v if isinstance(v, str) else str(v)) for k, v in dict(pcfg.get("hyperparameters", {})).items()}
     if default_policy:  # a policy given on the command line comes without the config's hyperparameters
@@ -358,5 +387,6 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     return LoadedModel(name=name, platform=platform, channels=channels, height=height, width=width,
                        labels=labels, num_classes=num_classes, default_policy=policy,
                        default_hyperparameters=hyper, tracked_streams=tracked_streams, device=device,
-                       module=module, frozen=frozen, prototypes=prototypes, source_path=str(path), notes=notes,
+                       module=module, frozen=frozen, prototypes=prototypes, fisher_data=fisher_data,
+                       source_path=str(path), notes=notes,
                        fingerprint=module_fingerprint(module) if module is not None else file_fingerprint(frozen_file))

@@ -6,7 +6,7 @@ import adapters
 from runtime.engine.errors import EngineError, shown
 from runtime.model_config import LoadedModel
 
-WIRE_FORBIDDEN = {"generator", "augment", "prototypes"}  # objects, not settable over the wire
+WIRE_FORBIDDEN = {"generator", "augment", "prototypes", "fisher_data"}  # objects, not settable over the wire
 
 
 class Policies:
@@ -37,6 +37,8 @@ class Policies:
             typed = adapters.coerce(policy, hyperparameters)
             if policy == "mean-teacher" and model.prototypes is not None:
                 typed["prototypes"] = model.prototypes
+            if policy == "eata" and model.fisher_data is not None:  # the same tensor: one Fisher for all streams
+                typed["fisher_data"] = model.fisher_data
             return adapters.create(policy, model.module, **typed)
         except ValueError as e:
             raise EngineError("INVALID_ARGUMENT", f"policy {shown(policy)}: {e}") from None

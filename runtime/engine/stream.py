@@ -116,6 +116,8 @@ class Stream:
         """Apply the owed update of the last predicted batch."""
         started = time.monotonic()
         figures = self.adapter.learn()
+        if self.adapter.state_grows:  # what the memory budget counts follows it
+            self.state_bytes = int(self.adapter.state_bytes()) * (2 if self.guarded is not None else 1)
         self._count_update(metrics, figures, time.monotonic() - started)
 
     def predicted(self, metrics: Metrics) -> float | None:

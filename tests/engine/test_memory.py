@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from conftest import ServerProcess
+from conftest import ServerProcess, run_engine
 from runtime.lab.datasets import load_demo_slice
 
 BUDGET_MB = 200
@@ -153,3 +153,19 @@ def test_96_busy_tent_streams_stay_within_the_memory_budget():
     assert grown_mb <= BUDGET_MB + SLACK_MB, f"RSS grew {grown_mb:.0f} MiB under a {BUDGET_MB} MiB budget"
     # the load pressed on the budget (owed updates filled it), and what it counts stayed within it
     assert BUDGET_MB * 2**20 / 2 < r["gauge_max"] <= BUDGET_MB * 2**20
+
+
+def test_a_growing_state_is_counted_as_it_grows(tiny):
+    """RoTTA's memory bank takes its room once the image size is known (the first batch): the
+    bytes the budget counts follow it, not the figure taken when the policy was installed."""
+    async def scenario(engine):
+        installed = (await engine.set_policy("bank", "rotta", {"memory_size": "16", "update_frequency": "4"}))
+        sizes = []
+        for i in range(3):
+            await engine.infer("bank", np.random.default_rng(i).random((4, 3, 16, 16), dtype=np.float32))
+            sizes.append((await engine.get_stream("bank"))["state_bytes"])
+        return installed["state_bytes"], sizes
+
+    installed, sizes = run_engine(tiny, scenario)
+    assert sizes[0] - installed >= 16 * 3 * 16 * 16 * 4, (installed, sizes)  # 16 images of 3x16x16 float32
+    assert sizes == sorted(sizes), sizes

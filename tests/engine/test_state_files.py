@@ -89,7 +89,9 @@ def skeleton_file(skeleton: str, tensors: dict | None = None) -> bytes:
 # --- the format: data only, exactly what was saved ------------------------------------------
 CASES = [("source", {}), ("bn", {}), ("bn-alpha", {}), ("bn-ema", {}), ("unmix-tns", {}), ("tent", {"lr": 0.01}),
          ("mean-teacher", {}), ("cotta", {"lr": 0.01, "n_augmentations": 4}),
-         ("cotta", {"lr": 0.01, "n_augmentations": 4, "norm": "unmix-tns"})]
+         ("cotta", {"lr": 0.01, "n_augmentations": 4, "norm": "unmix-tns"}), ("lame", {}),
+         ("sar", {"margin_e0": 1.0}), ("eata", {"margin_e0": 1.0}), ("rotta", {"update_frequency": 4}),
+         ("deyo", {"margin": 1.0, "plpd": -1.0})]
 
 
 @pytest.mark.parametrize("name,hp", CASES, ids=[f"{n}{'+' + h['norm'] if 'norm' in h else ''}" for n, h in CASES])
