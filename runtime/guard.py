@@ -61,6 +61,7 @@ batch the adapter's update is skipped, which more than pays for the forward on t
 """
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass
 
@@ -90,19 +91,26 @@ class GuardConfig:
     label_window: int = 1024          # samples in the source's long-run marginal
     min_source_confidence: float = 0.7
     min_batch: int = 2                # below: small_batch fallback (batch size 1)
+    pin_after: int = 3                # this many rollbacks/resets within pin_window batches pin the
+    pin_window: int = 100             # stream to safe_policy (0: never pin)
+    safe_policy: str = "source"
 
     def __post_init__(self):
         if self.action not in ACTIONS:
             raise ValueError(f"guard action {self.action!r}: choose from {', '.join(ACTIONS)}")
         if self.patience < 1 or self.snapshot_every < 1 or self.bn_jump_patience < 1 or self.min_batch < 1:
             raise ValueError("guard patience, snapshot_every, bn_jump_patience and min_batch must be >= 1")
+        if self.pin_after < 0 or self.pin_window < 1:
+            raise ValueError("guard pin_after must be >= 0 (0: never pin) and pin_window >= 1")
 
 
 def is_guarded(adapter, config: GuardConfig) -> bool:
-    """Who is guarded, for the server and `tta replay` alike: weight-updating adapters while the
-    guard is on. Statistics-only policies (bn, bn-alpha, bn-ema, unmix-tns) are not: their state is
-    re-estimated from every batch, so there is no runaway to roll back (docs/RESULTS.md)."""
-    return adapter is not None and adapter.updates_weights and config.action != "off"
+    """Who is guarded, for the server and `tta replay` alike: every adapting policy while the guard
+    is on. Statistics-only ones (bn, bn-alpha, bn-ema, unmix-tns, lame) too: they are the ones
+    a single image or a label-sorted batch hurts most (bn at batch 1: 80.8 % error against the
+    frozen model's 50.7 % on the demo benchmark); a fallback batch leaves their statistics as
+    they were before it."""
+    return adapter is not None and adapter.adapts and config.action != "off"
 
 
 @dataclass
@@ -112,6 +120,7 @@ class Outcome:
     reason: str = ""    # the verdict (REASONS), "" when the batch passed every check
     action: str = ""    # "", "fallback", "rollback" or "reset"
     rolled_back_to: int = 0  # the adapter's step after a rollback
+    pin: bool = False        # escalation: pin_after rollbacks/resets within pin_window batches
 
     @property
     def learn(self) -> bool:
@@ -138,18 +147,34 @@ class Guarded:
         self.good_state: dict | None = None  # the adapter's last good state_dict (in memory)
         self._candidate: dict | None = None
         self.weight_distance = 0.0           # of the adapter's current weights (one pass per update)
+        self._undo: dict | None = None       # the statistics before this batch (adapters that update in predict)
+        self._seen = 0                       # batches judged
+        self._trips: collections.deque[int] = collections.deque()  # batches that made it roll back or reset
 
     def before_predict(self, adapter) -> None:
         """Every `snapshot_every` updates the state about to predict this batch is a candidate for
         the last good state: it becomes it if this batch raises no signal at all (a state after an
-        update is not checked yet). state_dict() returns copies."""
+        update is not checked yet). An adapter whose prediction is its update (bn-ema, unmix-tns)
+        keeps its state from before the batch, so a fallback can undo it. state_dict() returns copies."""
         self._candidate = adapter.state_dict() if self.guard.snapshot_due(adapter.steps) else None
+        self._undo = adapter.state_dict() if adapter.adapts and not adapter.deferred_update else None
+
+    def fallback_before_predict(self, n: int) -> Outcome | None:
+        """A verdict known before predicting (a batch under min_batch): the caller answers it with
+        the source's prediction and does not touch the adapter (no prediction, no update)."""
+        if self.guard.config.action == "off" or n >= self.guard.config.min_batch:
+            return None
+        self._seen += 1
+        self.guard.figures = {}
+        return Outcome(None, self.guard._verdict("small_batch"), FALLBACK)
 
     def judge(self, adapter, logits: np.ndarray, source_logits: np.ndarray | None, loss: float | None,
               bn_shift: float | None) -> Outcome:
         reason = self.guard.observe(comparable_logits(adapter, logits), source_logits, loss=loss,
                                     weight_distance=self.weight_distance, bn_shift=bn_shift)
         candidate, self._candidate = self._candidate, None
+        undo, self._undo = self._undo, None
+        self._seen += 1
         if reason is None:
             if candidate is not None and self.guard.healthy():
                 self.good_state = candidate
@@ -157,6 +182,8 @@ class Guarded:
         adapter.discard()  # never learn from the batch that raised the verdict
         action = self.guard.action(reason)
         if action == FALLBACK:  # this batch is answered by the source; the adapted state is kept
+            if undo is not None:  # ... as it was before the batch
+                adapter.load_state_dict(undo)
             return Outcome(source_logits, reason, FALLBACK)
         step = 0
         if action == "rollback" and self.good_state is not None:
@@ -169,7 +196,16 @@ class Guarded:
             self.good_state = None
         self.guard.after_action()
         self.learned(adapter)
-        return Outcome(source_logits if reason == "non_finite" else logits, reason, action, step)
+        return Outcome(source_logits if reason == "non_finite" else logits, reason, action, step, self._escalate())
+
+    def _escalate(self) -> bool:
+        """Escalation: pin_after rollbacks/resets within the last pin_window batches (the stream
+        keeps collapsing whatever its state): the caller pins it to safe_policy."""
+        cfg = self.guard.config
+        self._trips.append(self._seen)
+        while self._trips and self._trips[0] <= self._seen - cfg.pin_window:
+            self._trips.popleft()
+        return cfg.pin_after > 0 and len(self._trips) >= cfg.pin_after
 
     def learned(self, adapter) -> None:
         """The adapter's weights changed (an update, a rollback, a reset): measure them once."""

@@ -131,6 +131,10 @@ class Metrics:
         self.guard_trips = Counter("tta_guard_trips_total", "Collapse-guard interventions, by reason (non_finite, "
                                    "marginal_collapse, weight_runaway, bn_shift_jump, label_shift, small_batch) "
                                    "and action (rollback, reset, fallback)", labels + ["reason", "action"], registry=r)
+        self.guard_pins = Counter("tta_guard_pins_total", "Streams the collapse guard pinned to its safe policy "
+                                  "(--guard-safe-policy) after --guard-pin-after rollbacks/resets within "
+                                  "--guard-pin-window batches, by the policy pinned away from",
+                                  ["model", "policy"], registry=r)
         self.feedback_labels = Counter("tta_feedback_labels_total", "Ground-truth labels received", labels, registry=r)
         self.feedback_correct = Counter("tta_feedback_correct_total", "Labelled samples the stream predicted correctly",
                                         labels, registry=r)

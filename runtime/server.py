@@ -118,6 +118,16 @@ def add_arguments(p) -> None:
     p.add_argument("--guard-snapshot-every", type=int, default=GuardConfig.snapshot_every, metavar="UPDATES",
                    help=f"keep a stream's state as its last good snapshot every this many healthy updates "
                         f"(default: {GuardConfig.snapshot_every})")
+    p.add_argument("--guard-pin-after", type=int, default=GuardConfig.pin_after, metavar="TRIPS",
+                   help=f"escalation: a stream the guard rolls back or resets this many times within "
+                        f"--guard-pin-window batches is pinned to --guard-safe-policy (metric tta_guard_pins_total, "
+                        f"`tta ctl get` shows it) until an operator sets a policy or resets it "
+                        f"(0: never; default: {GuardConfig.pin_after})")
+    p.add_argument("--guard-pin-window", type=int, default=GuardConfig.pin_window, metavar="BATCHES",
+                   help=f"the window of --guard-pin-after (default: {GuardConfig.pin_window})")
+    p.add_argument("--guard-safe-policy", default=GuardConfig.safe_policy, metavar="POLICY",
+                   help=f"what a pinned stream runs, e.g. source (the frozen model) or bn-alpha "
+                        f"(default: {GuardConfig.safe_policy})")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get at shutdown")
     p.add_argument("--shutdown-delay", type=float, default=0.0,
                    help="seconds to keep serving after SIGTERM with health NOT_SERVING, so load balancers "
@@ -164,7 +174,9 @@ async def serve(args) -> int:
         return 2
     metrics = Metrics(model.name, model.tracked_streams)
     try:
-        guard = GuardConfig(action=args.guard, patience=args.guard_patience, snapshot_every=args.guard_snapshot_every)
+        guard = GuardConfig(action=args.guard, patience=args.guard_patience, snapshot_every=args.guard_snapshot_every,
+                            pin_after=args.guard_pin_after, pin_window=args.guard_pin_window,
+                            safe_policy=args.guard_safe_policy)
     except ValueError as e:
         log.error("%s", e)
         return 2
@@ -189,8 +201,9 @@ async def serve(args) -> int:
              "" if model.can_adapt() else " (frozen: source policy only)")
     try:
         engine.check_policy(model.default_policy, model.default_hyperparameters)  # before we say SERVING
+        engine.check_policy(guard.safe_policy, {})
     except EngineError as e:
-        log.error("default policy: %s", e.message)
+        log.error("default policy or --guard-safe-policy: %s", e.message)
         engine.close()
         return 2
 

@@ -68,10 +68,14 @@ class Batches:
         self.table.learn_owed(stream)  # batch t+1 sees the update from batch t
         verdict = ""
         try:
+            early = stream.guarded.fallback_before_predict(len(batch.x)) if stream.guarded is not None else None
             if stream.frozen:
                 logits, bn_shift = self.model.frozen(batch.x), None
+            elif early is not None:  # a single image: the source answers, the adapter is not touched
+                logits, bn_shift, verdict = self._source_logits(batch.x, self._tensor(batch.x)), None, early.reason
+                stream.guard_outcome(early, self.metrics, self.model.num_classes)
             else:
-                x = torch.from_numpy(batch.x).to(self.model.device)
+                x = self._tensor(batch.x)
                 if stream.guarded is not None:
                     stream.guarded.before_predict(stream.adapter)
                 logits = stream.adapter.predict(x).float().cpu().numpy()
@@ -90,6 +94,9 @@ class Batches:
         if stream.adapter is not None:
             stream.adapter.discard()
 
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).to(self.model.device)
+
     def _source_logits(self, x: np.ndarray, batch: torch.Tensor) -> np.ndarray:
         if self.model.frozen is not None:
             return self.model.frozen(x)
@@ -106,12 +113,28 @@ class Batches:
         if not outcome.reason:
             return outcome.reply, ""
         stream.guard_outcome(outcome, self.metrics, self.model.num_classes)
-        if outcome.action != "fallback":
+        if outcome.pin:
+            self._pin(stream, outcome.reason)
+        elif outcome.action != "fallback":
             done = (f"rolled back to its last good state (step {outcome.rolled_back_to})"
                     if outcome.action == "rollback" else "reset to the source state")
             log.warning("collapse guard: stream %r (%s) %s: %s (%s)", stream.id, stream.policy, done, outcome.reason,
                         stream.guarded.describe())
         return outcome.reply, outcome.reason
+
+    def _pin(self, stream: Stream, reason: str) -> None:
+        """Escalation: the guard keeps rolling the stream back or resetting it; serve it with the
+        safe policy until an operator sets a policy or resets it."""
+        was = (stream.policy, dict(stream.hyperparameters))
+        safe = self.table.guard.safe_policy
+        stream.restart(safe, {})
+        stream.install(self.table.policies.build(safe, {}), self.model.num_classes, self.table.guard)
+        stream.pinned_from = was
+        self.metrics.guard_pins.labels(self.model.name, was[0]).inc()
+        self.metrics.stream_started(stream.id, safe)
+        log.warning("collapse guard: stream %r (%s) keeps collapsing (%d rollbacks/resets within %d batches, last: "
+                    "%s): pinned to %r until an operator sets a policy or resets it", stream.id, was[0],
+                    self.table.guard.pin_after, self.table.guard.pin_window, reason, safe)
 
     def _finish(self, stream: Stream, batch: Batch, started: float, inference_seconds: float, logits: np.ndarray,
                 bn_shift: float | None, verdict: str = "") -> InferResult:

@@ -45,6 +45,10 @@ class Control:
 
     def reset(self, stream_id: str) -> dict:
         stream = self.table.get(stream_id, create=False)
+        if stream.pinned_from is not None:  # unpin: the policy the guard took away, from the source state
+            policy, hyperparameters = stream.pinned_from
+            return self._info(self.table.replace_policy(stream_id, policy, hyperparameters,
+                                                        self.policies.build(policy, hyperparameters)))
         stream.reset(self.metrics, "request", self.model.num_classes)
         return self._info(stream)
 

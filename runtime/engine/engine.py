@@ -77,6 +77,8 @@ class Engine:
         self.store = store(state_dir or self._tmp_dir, key=state_key, model_fingerprint=model.fingerprint,
                            on_reject=lambda reason: rejected.labels(model.name, reason).inc())
         self.policies = Policies(model)
+        for policy in self.policies.describe()[1]:  # from 0, so an alert on increase() sees the first pin
+            self.metrics.guard_pins.labels(model.name, policy)
         self.table = StreamTable(model, self.policies, self.metrics, self.store, self.persistent, max_streams,
                                  memory_budget_bytes, guard or GuardConfig(), ownership)
         self.batches = Batches(model, self.table, self.metrics)

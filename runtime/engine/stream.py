@@ -44,6 +44,9 @@ class Stream:
     guard_fallbacks: int = 0  # batches answered with the source prediction by the guard
     dirty: bool = False  # changed since its last checkpoint
     damaged: str = ""  # why its saved state could not be read (answered DATA_LOSS until replaced or deleted)
+    # escalation: the policy (and hyperparameters) the guard pinned the stream away from; a
+    # SetPolicy or a Reset unpins (Reset: back to that policy, from the source state)
+    pinned_from: tuple[str, dict[str, str]] | None = None
 
     COUNTERS = ("batches", "samples", "bn_shift", "entropy", "confidence", "class_marginal_entropy",
                 "weight_distance", "last_loss", "feedback_labels", "feedback_correct", "guard_trips", "guard_fallbacks")
@@ -97,6 +100,7 @@ class Stream:
     def restart(self, policy: str, hyperparameters: dict[str, str]) -> None:
         """A new policy: counters of the old one no longer describe it."""
         self.policy, self.hyperparameters, self.damaged = policy, dict(hyperparameters), ""
+        self.pinned_from = None
         self.feedback_labels, self.feedback_correct, self.weight_distance, self.last_loss = 0, 0, 0.0, 0.0
         self.dirty = True
 
@@ -200,4 +204,5 @@ class Stream:
                 "feedback_correct": self.feedback_correct,
                 "accuracy": self.feedback_correct / self.feedback_labels if self.feedback_labels else 0.0,
                 "snapshots": list(self.snapshots), "idle_seconds": time.monotonic() - self.last_used,
-                "guard_trips": self.guard_trips, "guard_fallbacks": self.guard_fallbacks}
+                "guard_trips": self.guard_trips, "guard_fallbacks": self.guard_fallbacks,
+                "pinned_from": self.pinned_from[0] if self.pinned_from else ""}
