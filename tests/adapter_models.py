@@ -1,4 +1,6 @@
 """Tiny BN networks for the adapter tests (random weights, non-trivial BN statistics)."""
+import copy
+
 import torch
 from torch import nn
 
@@ -34,3 +36,26 @@ def stream(n_batches: int = 4, batch: int = 8, seed: int = 1, size: int = 16):
     # a drifting stream: brightness and contrast change from batch to batch
     return [(torch.rand(batch, 3, size, size, generator=g) * (0.5 + 0.1 * i) + 0.05 * i).clamp(0, 1)
             for i in range(n_batches)]
+
+
+def confident_cnn(scale: float = 12.0) -> nn.Module:
+    """tiny_cnn with a sharper head: its entropies straddle 0.4·ln 10, so entropy filters have work to do."""
+    model = tiny_cnn()
+    with torch.no_grad():
+        model[-1].weight.mul_(scale)
+        model[-1].bias.mul_(scale)
+    return model
+
+
+def batch_stat_copy(model: nn.Module) -> nn.Module:
+    """A copy whose BN layers normalise with the batch's own statistics (test-time BN)."""
+    net = copy.deepcopy(model).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    return net
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    p = torch.softmax(logits, 1)
+    return -(p * torch.log(p)).sum(1)

@@ -1,43 +1,22 @@
 """EATA's update rule against a hand computation: the entropy and redundancy filters, the sample
 weights, Adam, the Fisher information and its penalty, ETA without source data, and a checkpoint
 round trip."""
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
 import adapters
-from adapter_models import stream, tiny_cnn
+from adapter_models import batch_stat_copy, confident_cnn, entropy, stream
 from runtime.state_format import Unpacker, pack_body, read_body, strict_json
 
 MARGIN = 0.4 * math.log(10)
 AFFINE = ["1.weight", "1.bias", "4.weight", "4.bias"]
 
 
-def confident_cnn(scale: float = 12.0) -> nn.Module:
-    """tiny_cnn with a sharper head: its entropies straddle 0.4·ln 10, so the filter has work to do."""
-    model = tiny_cnn()
-    with torch.no_grad():
-        model[-1].weight.mul_(scale)
-        model[-1].bias.mul_(scale)
-    return model
 
-
-def batch_stat_copy(model):
-    net = copy.deepcopy(model).eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats, m.running_mean, m.running_var = False, None, None
-    return net
-
-
-def ent(logits):
-    p = torch.softmax(logits, 1)
-    return -(p * torch.log(p)).sum(1)
 
 
 def hand_fisher(model, data, batch_size):
@@ -65,7 +44,7 @@ def hand_eata(model, batches, lr=1e-3, d_margin=0.4, alpha=0.0, fisher=None):
     for x in batches:
         params = {n: v.clone().requires_grad_(True) for n, v in theta.items()}
         logits = functional_call(net, params, (x,))
-        e, p = ent(logits), logits.softmax(1)
+        e, p = entropy(logits), logits.softmax(1)
         keep = e < MARGIN
         if avg is not None:
             keep = keep & (F.cosine_similarity(avg[None], p, dim=1).abs() < d_margin)
@@ -107,7 +86,7 @@ def test_the_filters_select_the_reliable_and_non_redundant_samples():
     x0, x1 = stream(2)
     bn = adapters.create("bn", model)
     l0, l1 = bn.step(x0), bn.step(x1)  # batch statistics: what EATA's first prediction sees
-    reliable0 = ent(l0) < MARGIN
+    reliable0 = entropy(l0) < MARGIN
     assert 0 < int(reliable0.sum()) < len(x0)
     a = adapters.create("eata", model, d_margin=0.999)
     a.predict(x0)
@@ -117,7 +96,7 @@ def test_the_filters_select_the_reliable_and_non_redundant_samples():
     logits = a.predict(x1)
     cos = F.cosine_similarity(a.probs[None], logits.softmax(1), dim=1).abs()
     figures = a.learn()
-    reliable1 = ent(logits) < MARGIN
+    reliable1 = entropy(logits) < MARGIN
     assert figures["reliable"] == int(reliable1.sum())
     assert figures["selected"] == int((reliable1 & (cos < 0.999)).sum())
     assert figures["selected"] < figures["reliable"]  # the redundancy filter removed some

@@ -1,6 +1,5 @@
 """SAR's update rule against a hand computation: reliable-sample filter, SAM's two passes, SGD with
 momentum, model recovery, the skipped top layers, and a checkpoint round trip."""
-import copy
 import math
 
 import torch
@@ -8,32 +7,13 @@ from torch import nn
 from torch.func import functional_call
 
 import adapters
-from adapter_models import randomise_bn, stream, tiny_cnn
+from adapter_models import batch_stat_copy, confident_cnn, entropy, randomise_bn, stream
 from runtime.state_format import Unpacker, pack_body, read_body, strict_json
 
 MARGIN = 0.4 * math.log(10)
 
 
-def confident_cnn(scale: float = 12.0) -> nn.Module:
-    """tiny_cnn with a sharper head: its entropies straddle 0.4·ln 10, so the filter has work to do."""
-    model = tiny_cnn()
-    with torch.no_grad():
-        model[-1].weight.mul_(scale)
-        model[-1].bias.mul_(scale)
-    return model
 
-
-def batch_stat_copy(model):
-    net = copy.deepcopy(model).eval()
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.track_running_stats, m.running_mean, m.running_var = False, None, None
-    return net
-
-
-def ent(logits):
-    p = torch.softmax(logits, 1)
-    return -(p * torch.log(p)).sum(1)
 
 
 def hand_sar_steps(model, batches, lr=1e-3, momentum=0.9, rho=0.05):
@@ -44,12 +24,12 @@ def hand_sar_steps(model, batches, lr=1e-3, momentum=0.9, rho=0.05):
     buf = None
     for x in batches:
         params = {n: t.clone().requires_grad_(True) for n, t in theta.items()}
-        e = ent(functional_call(net, params, (x,)))
+        e = entropy(functional_call(net, params, (x,)))
         keep = e < MARGIN
         g = torch.autograd.grad(e[keep].mean(), list(params.values()))
         norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
         shifted = {n: (theta[n] + rho * gi / (norm + 1e-12)).requires_grad_(True) for n, gi in zip(names, g)}
-        e2 = ent(functional_call(net, shifted, (x,)))[keep]
+        e2 = entropy(functional_call(net, shifted, (x,)))[keep]
         g2 = torch.autograd.grad(e2[e2 < MARGIN].mean(), list(shifted.values()))
         buf = list(g2) if buf is None else [momentum * b + gi for b, gi in zip(buf, g2)]
         theta = {n: theta[n] - lr * b for n, b in zip(names, buf)}
@@ -78,7 +58,7 @@ def test_the_sharpness_aware_gradient_is_not_plain_entropy_sgd():
     # rho = 0: the plain SGD step on the filtered mean entropy
     net = batch_stat_copy(model)
     params = {n: net.get_parameter(n).detach().clone().requires_grad_(True) for n, _ in flat.trainable}
-    e = ent(functional_call(net, params, (x,)))
+    e = entropy(functional_call(net, params, (x,)))
     g = torch.autograd.grad(e[e < MARGIN].mean(), list(params.values()))
     for (n, p), gi in zip(flat.trainable, g):
         assert torch.allclose(p, params[n] - 0.1 * gi, atol=1e-7), n
@@ -89,7 +69,7 @@ def test_reliable_samples_are_those_below_the_margin():
     model = confident_cnn()
     x = stream(1)[0]
     logits = adapters.create("bn", model).step(x)
-    expected = int((ent(logits) < MARGIN).sum())
+    expected = int((entropy(logits) < MARGIN).sum())
     assert 0 < expected < x.shape[0]  # the filter has work to do on this batch
     a = adapters.create("sar", model)
     a.predict(x)
