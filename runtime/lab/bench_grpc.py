@@ -136,47 +136,58 @@ def bench_frozen(target: str, model, device, batch_sizes=(1, 64), batches: int =
     return rows
 
 
-def bench_latency(target: str, policies: list[str], batch: int = 64, requests: int = 20, warmup: int = 2) -> list[dict]:
+def bench_latency(target: str, policies: list[str], batch: int = 64, requests: int = 20, warmup: int = 2,
+                  guarded_target: str | None = None) -> tuple[list[dict], list[dict]]:
     """Reply latency per policy, sequential requests on one stream per policy. After each reply of
     a policy with a deferred update, the client waits until GetStream shows the update applied,
     so the next request measures a reply that had no update left to wait for; the figure
     `update_done_ms` (reply to update applied) shows where the learning step went. The `source`
-    policy is the baseline and is always measured."""
-    ep = Endpoint(target)
+    policy is the baseline and is always measured. `guarded_target`: a second server with the
+    collapse guard on (the default configuration); its streams are measured in the same turns,
+    so both sets of ratios (each over the guard-off server's `source`) see the same load.
+    Returns (rows with the guard off, rows with the guard on: empty without guarded_target)."""
+    sides = {"off": Endpoint(target)}
+    if guarded_target:
+        sides["rollback"] = Endpoint(guarded_target)
     policies = ["source"] + [p for p in policies if p != "source"]
     xs = _demo_batches(requests + warmup, batch, seed=1)
-    latency = {p: [] for p in policies}
-    update = {p: [] for p in policies}
-    verdicts = {p: 0 for p in policies}
+    latency = {(g, p): [] for g in sides for p in policies}
+    update = {(g, p): [] for g in sides for p in policies}
+    verdicts = {(g, p): 0 for g in sides for p in policies}
     try:
-        for p in policies:
-            ep.set_policy(f"bench-latency-{p}", p)
+        for ep in sides.values():
+            for p in policies:
+                ep.set_policy(f"bench-latency-{p}", p)
         for i, x in enumerate(xs):
-            for p in policies:  # in turn, so every policy sees the same machine load
-                sid, cls = f"bench-latency-{p}", adapters.REGISTRY[p]
-                start = time.perf_counter()
-                _, step, verdict = ep.infer(x, sid)
-                replied = time.perf_counter()
-                verdicts[p] += bool(verdict)
-                if cls.adapts and cls.deferred_update and not verdict:  # a guard verdict drops the update
-                    while ep.stream_info(sid).step <= step:
-                        if time.perf_counter() - replied > 300:
-                            raise RuntimeError(f"stream {sid}: the update of step {step} was not applied in 300 s")
-                        time.sleep(0.002)
+            for g, ep in sides.items():
+                for p in policies:  # in turn, so every policy sees the same machine load
+                    sid, cls = f"bench-latency-{p}", adapters.REGISTRY[p]
+                    start = time.perf_counter()
+                    _, step, verdict = ep.infer(x, sid)
+                    replied = time.perf_counter()
+                    verdicts[g, p] += bool(verdict)
+                    if cls.adapts and cls.deferred_update and not verdict:  # a guard verdict drops the update
+                        while ep.stream_info(sid).step <= step:
+                            if time.perf_counter() - replied > 300:
+                                raise RuntimeError(f"stream {sid}: the update of step {step} was not applied in 300 s")
+                            time.sleep(0.002)
+                        if i >= warmup:
+                            update[g, p].append(time.perf_counter() - replied)
                     if i >= warmup:
-                        update[p].append(time.perf_counter() - replied)
-                if i >= warmup:
-                    latency[p].append(replied - start)
-        state = {p: ep.stream_info(f"bench-latency-{p}").state_bytes for p in policies}
+                        latency[g, p].append(replied - start)
+        state = {(g, p): ep.stream_info(f"bench-latency-{p}").state_bytes for g, ep in sides.items() for p in policies}
     finally:
-        ep.close()
-    base50, base99 = percentile(latency["source"], 50), percentile(latency["source"], 99)
-    rows = []
-    for p in policies:
-        p50, p99 = percentile(latency[p], 50), percentile(latency[p], 99)
-        rows.append({"policy": p, "batch": batch, "requests": len(latency[p]), "p50_ms": p50 * 1e3,
-                     "p99_ms": p99 * 1e3, "p50_ratio": p50 / base50, "p99_ratio": p99 / base99,
-                     "update_done_ms": statistics.median(update[p]) * 1e3 if update[p] else None,
-                     "server_state_bytes": int(state[p]), "guard_verdicts": verdicts[p]})
-    return rows
+        for ep in sides.values():
+            ep.close()
+    base50, base99 = percentile(latency["off", "source"], 50), percentile(latency["off", "source"], 99)
+    rows = {g: [] for g in ("off", "rollback")}
+    for g in sides:
+        for p in policies:
+            p50, p99 = percentile(latency[g, p], 50), percentile(latency[g, p], 99)
+            rows[g].append({"policy": p, "guard": g, "batch": batch, "requests": len(latency[g, p]),
+                            "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "p50_ratio": p50 / base50,
+                            "p99_ratio": p99 / base99,
+                            "update_done_ms": statistics.median(update[g, p]) * 1e3 if update[g, p] else None,
+                            "server_state_bytes": int(state[g, p]), "guard_verdicts": verdicts[g, p]})
+    return rows["off"], rows["rollback"]
 

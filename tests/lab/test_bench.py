@@ -41,6 +41,9 @@ def test_quick_bench_reports_every_section():
     assert _positive(latency["tent"]["update_done_ms"])  # the deferred update was seen applied after the reply
     assert latency["tent"]["guard_verdicts"] == 0  # real i.i.d. images: the guard lets every update through
     assert latency["bn"]["update_done_ms"] is None
+    guarded = {r["policy"]: r for r in report["latency_guarded"]}  # the default server, measured beside
+    assert list(guarded) == quick and all(r["guard"] == "rollback" and _positive(r["p50_ratio"]) for r in guarded.values())
+    assert guarded["tent"]["server_state_bytes"] == 2 * latency["tent"]["server_state_bytes"]  # the guard's copy
 
     steps = {r["policy"]: r for r in report["steps"]}
     assert list(steps) == quick
