@@ -1,12 +1,14 @@
-"""The 15 CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) at 5 severities, for 32×32.
+"""The 15 CIFAR-10-C corruptions (Hendrycks & Dietterich, ICLR 2019) at 5 severities, at any image size.
 
-    x = corrupt(x, "fog", 5, seed=0)        # float32 (N, 3, 32, 32) in [0, 1] -> same
+    x = corrupt(x, "fog", 5, seed=0)        # float32 (N, 3, H, W) in [0, 1] -> same
     x, y = corrupted_split("fog", 5)          # Fashion-MNIST test split, generated once and cached
 
-Our model input is 3×32×32 (Fashion-MNIST padded to CIFAR's size), so the CIFAR-10-C severity
-parameters are used as published for CIFAR (the 32×32 variant of the suite, make_cifar_c), and
-the implementations follow the same recipes with numpy + OpenCV instead of scipy / scikit-image /
-ImageMagick / PIL. Per corruption (c = the severity's parameters, severities 1..5):
+The demo's input is 3×32×32 (Fashion-MNIST padded to CIFAR's size): the CIFAR-10-C parameters as
+published (make_cifar_c), listed below. Larger images (`tta replay --model`) get ImageNet-C's, with
+pixel lengths scaled to the size (runtime/lab/corruption_params.py; frost's texture is enlarged with
+the image, fog's fractal drawn at the next power of two and cropped). The implementations follow the
+same recipes with numpy + OpenCV instead of scipy / scikit-image / ImageMagick / PIL. At 32×32
+(c = the severity's parameters, severities 1..5):
 
 - gaussian_noise: x + N(0, c²) per value, c = .04 .06 .08 .09 .10.
 - shot_noise: Poisson(x·c)/c, c = 500 250 100 75 50.
@@ -59,7 +61,8 @@ import cv2
 import numpy as np
 
 from runtime.console import Progress
-from runtime.lab import datasets
+from runtime.lab import corruption_cache, datasets
+from runtime.lab import corruption_params as params
 
 CORRUPTIONS = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
                "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
@@ -170,42 +173,39 @@ def frost_texture(index: int, size: int = 160) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- corruptions
-# Each takes a batch NHWC float32 in [0, 1], a severity 1..5 and a numpy Generator.
+# Each takes a batch NHWC float32 in [0, 1], the severity's parameters c (runtime/lab/corruption_params.py,
+# already scaled to the image size) and a numpy Generator.
 
-def gaussian_noise(x, s, rng):
-    c = [0.04, 0.06, 0.08, 0.09, 0.10][s - 1]
-    return x + rng.normal(0.0, c, x.shape)
-
-
-def shot_noise(x, s, rng):
-    c = [500, 250, 100, 75, 50][s - 1]
-    return rng.poisson(x * c) / c
+def gaussian_noise(x, c, rng):
+    return x + rng.normal(0.0, c[0], x.shape)
 
 
-def impulse_noise(x, s, rng):
-    amount = [0.01, 0.02, 0.03, 0.05, 0.07][s - 1]
+def shot_noise(x, c, rng):
+    return rng.poisson(x * c[0]) / c[0]
+
+
+def impulse_noise(x, c, rng):
     out = x.copy()
-    hit = rng.random(x.shape) < amount
+    hit = rng.random(x.shape) < c[0]
     salt = rng.random(x.shape) < 0.5
     out[hit & salt] = 1.0
     out[hit & ~salt] = 0.0
     return out
 
 
-def defocus_blur(x, s, rng):
-    radius, alias = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)][s - 1]
-    kernel = _disk(radius, alias)
+def defocus_blur(x, c, rng):
+    kernel = _disk(*c)
     return np.stack([cv2.filter2D(img, -1, kernel) for img in x])
 
 
-def glass_blur(x, s, rng):
-    sigma, delta, iterations = [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)][s - 1]
+def glass_blur(x, c, rng):
+    sigma, delta, iterations = c
     out = np.stack([_gaussian(img, sigma) for img in x])
-    n = len(x)
+    n, height, width = x.shape[:3]
     batch = np.arange(n)
     for _ in range(iterations):  # one swap per pixel, bottom-right to top-left, every image at once
-        for h in range(SIZE - delta, delta, -1):
-            for w in range(SIZE - delta, delta, -1):
+        for h in range(height - delta, delta, -1):
+            for w in range(width - delta, delta, -1):
                 dy, dx = rng.integers(-delta, delta, (2, n))  # high end excluded, as in CIFAR-10-C
                 hp, wp = h + dy, w + dx
                 a = out[batch, h, w].copy()
@@ -214,14 +214,12 @@ def glass_blur(x, s, rng):
     return np.stack([_gaussian(img, sigma) for img in out])
 
 
-def motion_blur(x, s, rng):
-    radius, sigma = [(10, 1), (10, 1.5), (10, 2), (10, 2.5), (12, 3)][s - 1]
-    return np.stack([_motion_blur(img, radius, sigma, rng.uniform(-45, 45)) for img in x])
+def motion_blur(x, c, rng):
+    return np.stack([_motion_blur(img, c[0], c[1], rng.uniform(-45, 45)) for img in x])
 
 
-def zoom_blur(x, s, rng):
-    top = [1.06, 1.11, 1.16, 1.21, 1.26][s - 1]
-    factors = np.arange(1, top, 0.01)
+def zoom_blur(x, c, rng):
+    factors = np.arange(*c)
     out = np.empty_like(x)
     for i, img in enumerate(x):
         acc = img.copy()
@@ -231,13 +229,11 @@ def zoom_blur(x, s, rng):
     return out
 
 
-def snow(x, s, rng):
-    loc, scale, zoom, thr, radius, sigma, blend = [
-        (0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9), (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
-        (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85), (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)][s - 1]
+def snow(x, c, rng):
+    loc, scale, zoom, thr, radius, sigma, blend = c
     out = np.empty_like(x)
     for i, img in enumerate(x):
-        layer = rng.normal(loc, scale, (SIZE, SIZE)).astype(np.float32)
+        layer = rng.normal(loc, scale, img.shape[:2]).astype(np.float32)
         layer = _clipped_zoom(layer[..., None], zoom)[..., 0]
         layer[layer < thr] = 0
         layer = _motion_blur(np.clip(layer, 0, 1), radius, sigma, rng.uniform(-135, -45))
@@ -247,74 +243,83 @@ def snow(x, s, rng):
     return out
 
 
-def frost(x, s, rng):
-    c_img, c_frost = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][s - 1]
+@functools.lru_cache(maxsize=12)
+def _frost_at(index: int, side: int) -> np.ndarray:
+    """Frost texture `index` for images whose longer side is `side`: the 160-px texture (drawn for
+    32-px crops) resized to 5 × side, so a crop shows as much frost as at 32×32."""
+    tex = frost_texture(index)
+    return tex if side == SIZE else cv2.resize(tex, (5 * side, 5 * side), interpolation=cv2.INTER_LINEAR)
+
+
+def frost(x, c, rng):
+    c_img, c_frost = c
+    height, width = x.shape[1:3]
     out = np.empty_like(x)
     for i, img in enumerate(x):
-        tex = frost_texture(int(rng.integers(6)))
-        top, left = rng.integers(0, tex.shape[0] - SIZE, 2)
-        out[i] = c_img * img + c_frost * tex[top:top + SIZE, left:left + SIZE]
+        tex = _frost_at(int(rng.integers(6)), max(height, width))
+        if height == width:
+            top, left = rng.integers(0, tex.shape[0] - height, 2)
+        else:
+            top, left = rng.integers(0, tex.shape[0] - height), rng.integers(0, tex.shape[1] - width)
+        out[i] = c_img * img + c_frost * tex[top:top + height, left:left + width]
     return out
 
 
-def fog(x, s, rng):
-    c, decay = [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)][s - 1]
+def fog(x, c, rng):
+    strength, decay = c
+    height, width = x.shape[1:3]
+    mapsize = 1 << int(np.ceil(np.log2(max(height, width))))  # ImageNet-C: 256, cropped to 224
     out = np.empty_like(x)
     for i, img in enumerate(x):
         peak = img.max()
-        fogged = img + c * plasma_fractal(rng, SIZE, decay)[..., None]
-        out[i] = fogged * peak / (peak + c)
+        fogged = img + strength * plasma_fractal(rng, mapsize, decay)[:height, :width, None]
+        out[i] = fogged * peak / (peak + strength)
     return out
 
 
-def brightness(x, s, rng):
-    c = [0.05, 0.1, 0.15, 0.2, 0.3][s - 1]
+def brightness(x, c, rng):
     out = np.empty_like(x)
     for i, img in enumerate(x):
         hsv = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2HSV)  # float: V in [0, 1]
-        hsv[..., 2] = np.clip(hsv[..., 2] + c, 0, 1)
+        hsv[..., 2] = np.clip(hsv[..., 2] + c[0], 0, 1)
         out[i] = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     return out
 
 
-def contrast(x, s, rng):
-    c = [0.75, 0.5, 0.4, 0.3, 0.15][s - 1]
+def contrast(x, c, rng):
     means = x.mean(axis=(1, 2), keepdims=True)
-    return (x - means) * c + means
+    return (x - means) * c[0] + means
 
 
-def elastic_transform(x, s, rng):
-    alpha, sigma, affine = [(0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05),
-                            (0.1, 0.03, 0.03)][s - 1]
-    alpha, sigma, affine = alpha * SIZE, sigma * SIZE, affine * SIZE
-    centre, half = SIZE // 2, SIZE // 3
-    src = np.float32([[centre + half, centre + half], [centre + half, centre - half],
-                      [centre - half, centre - half]])
-    grid_x, grid_y = np.meshgrid(np.arange(SIZE, dtype=np.float32), np.arange(SIZE, dtype=np.float32))
+def elastic_transform(x, c, rng):
+    alpha, sigma, affine = c
+    height, width = x.shape[1:3]
+    cy, cx, half = height // 2, width // 2, min(height, width) // 3
+    src = np.float32([[cx + half, cy + half], [cx + half, cy - half], [cx - half, cy - half]])
+    grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
     out = np.empty_like(x)
     for i, img in enumerate(x):
         dst = (src + rng.uniform(-affine, affine, src.shape)).astype(np.float32)
-        warped = cv2.warpAffine(img, cv2.getAffineTransform(src, dst), (SIZE, SIZE),
+        warped = cv2.warpAffine(img, cv2.getAffineTransform(src, dst), (width, height),
                                 borderMode=cv2.BORDER_REFLECT_101)
-        dx = _gaussian(rng.uniform(-1, 1, (SIZE, SIZE)).astype(np.float32), sigma, 3.0, cv2.BORDER_REFLECT) * alpha
-        dy = _gaussian(rng.uniform(-1, 1, (SIZE, SIZE)).astype(np.float32), sigma, 3.0, cv2.BORDER_REFLECT) * alpha
+        noise = [rng.uniform(-1, 1, (height, width)).astype(np.float32) for _ in range(2)]
+        dx, dy = (_gaussian(n, sigma, 3.0, cv2.BORDER_REFLECT) * alpha for n in noise)
         out[i] = cv2.remap(warped, grid_x + dx, grid_y + dy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     return out
 
 
-def pixelate(x, s, rng):
-    c = [0.95, 0.9, 0.85, 0.75, 0.65][s - 1]
-    small = int(SIZE * c)
-    return np.stack([cv2.resize(cv2.resize(img, (small, small), interpolation=cv2.INTER_AREA),
-                                (SIZE, SIZE), interpolation=cv2.INTER_NEAREST) for img in x])
+def pixelate(x, c, rng):
+    height, width = x.shape[1:3]
+    small = (max(1, int(width * c[0])), max(1, int(height * c[0])))
+    return np.stack([cv2.resize(cv2.resize(img, small, interpolation=cv2.INTER_AREA),
+                                (width, height), interpolation=cv2.INTER_NEAREST) for img in x])
 
 
-def jpeg_compression(x, s, rng):
-    quality = [80, 65, 58, 50, 40][s - 1]
+def jpeg_compression(x, c, rng):
     out = np.empty_like(x)
     for i, img in enumerate(x):
         bgr = cv2.cvtColor(np.round(img * 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
-        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(c[0])])
         if not ok:
             raise RuntimeError("OpenCV could not JPEG-encode an image")
         out[i] = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
@@ -322,6 +327,7 @@ def jpeg_compression(x, s, rng):
 
 
 _FUNCTIONS = {name: globals()[name] for name in CORRUPTIONS}
+MIN_SIDE = 8
 
 
 def _rng(name: str, severity: int, seed: int) -> np.random.Generator:
@@ -329,16 +335,18 @@ def _rng(name: str, severity: int, seed: int) -> np.random.Generator:
 
 
 def corrupt(x: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
-    """Apply corruption `name` at `severity` (1..5) to float32 (N, 3, 32, 32) images in [0, 1]."""
+    """Apply corruption `name` at `severity` (1..5) to float32 (N, 3, H, W) images in [0, 1]
+    (H, W ≥ 8; the parameters for that size: runtime/lab/corruption_params.py)."""
     if name not in _FUNCTIONS:
         raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
     if severity not in SEVERITIES:
         raise ValueError(f"severity must be 1..5, not {severity!r}")
     x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 4 or x.shape[1:] != (3, SIZE, SIZE):
-        raise ValueError(f"expected (N, 3, {SIZE}, {SIZE}) images, got {x.shape}")
+    if x.ndim != 4 or x.shape[1] != 3 or min(x.shape[2:]) < MIN_SIDE:
+        raise ValueError(f"expected (N, 3, H, W) images with H, W >= {MIN_SIDE}, got {x.shape}")
     nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    out = _FUNCTIONS[name](nhwc, severity, _rng(name, severity, seed))
+    c = params.parameters(name, severity, x.shape[2], x.shape[3])
+    out = _FUNCTIONS[name](nhwc, c, _rng(name, severity, seed))
     out = np.round(np.clip(out, 0, 1) * 255) / 255  # uint8 levels, as CIFAR-10-C stores them
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2), dtype=np.float32)
 
@@ -358,17 +366,15 @@ def corrupted_split(name: str, severity: int, split: str = "test", n: int | None
     """The whole Fashion-MNIST `split`, corrupted, as (x float32 (N, 3, 32, 32) in [0, 1], y int64 (N,));
     the first `n` images when n is given; x as uint8 0..255 (the stored form) with as_uint8.
     Generated once (in chunks of 1000, chunk k seeded by (seed, k)) into the cache, read from there
-    afterwards."""
+    afterwards: NAME-sS-seedK.SHA256.npz, its digest checked before use (runtime/lab/corruption_cache.py)."""
     if name not in _FUNCTIONS:
         raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
     raw_x, y = datasets.load_split(split, data_dir)
     # the key includes a digest of the source images, so another copy of the data is not mixed up
     digest = hashlib.sha1(raw_x[:100].tobytes()).hexdigest()[:8]
-    path = cache_dir(cache) / "fashion-mnist-c" / f"{split}-{digest}" / f"{name}-s{severity}-seed{seed}.npz"
-    if path.is_file():
-        with np.load(path) as data:
-            stored = data["x"]
-    else:
+    folder, key = cache_dir(cache) / "fashion-mnist-c" / f"{split}-{digest}", f"{name}-s{severity}-seed{seed}"
+    stored, _ = corruption_cache.load_verified(folder, key, (len(raw_x), 3, SIZE, SIZE), ".npz")  # SHA-256 checked
+    if stored is None:
         chunk = 1000
         parts = []
         bar = Progress(total=len(raw_x), desc=f"{name} s{severity}", disable=not show_progress)
@@ -379,10 +385,7 @@ def corrupted_split(name: str, severity: int, split: str = "test", n: int | None
             bar.update(len(images))
         bar.close()
         stored = np.concatenate(parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, x=stored)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        corruption_cache.save_verified(folder, key, corruption_cache.encode(stored, ".npz"), ".npz")
     if n is not None:
         stored, y = stored[:n], y[:n]
     return (stored, y) if as_uint8 else (stored.astype(np.float32) / 255, y)

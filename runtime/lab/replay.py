@@ -2,14 +2,16 @@
 paper-style table (error % per corruption and mean, one row per adapter).
 
 The stream is built as the reference benchmark builds it (runtime/lab/streams.py, ADAPTERS.md §6)
-from the demo model's Fashion-MNIST test split corrupted by runtime/lab/corruptions.py. Each adapter
-is created fresh over the shipped demo model, reset where the setting says, and fed every batch
+from the demo model's Fashion-MNIST test split corrupted by runtime/lab/corruptions.py, or, with
+`--model CONFIG.toml --dataset FILE.npz|FOLDER` (runtime/lab/replay_inputs.py, userdata.py), from the
+user's model and data: corrupted at the model's input size and cached (runtime/lab/corruption_cache.py),
+or played as recorded with `--corruptions none` (each --dataset a domain, in order). Each adapter
+is created fresh over the model, reset where the setting says, and fed every batch
 with `step(x)`; the error of a sample is that of the logits `step` returned for it.
 
-With `--guard rollback|reset` the runs of weight-updating adapters (tent, mean-teacher, cotta) are
-guarded as the server guards their streams (runtime.guard.is_guarded: the statistics-only bn,
-bn-alpha, bn-ema and unmix-tns are not): per batch the frozen source model predicts too, and
-runtime.guard.Guarded, the engine's own guard, judges both predictions, the last update's loss,
+With `--guard rollback|reset` the runs of adapting policies (every one but source) are guarded
+as the server guards their streams (runtime.guard.is_guarded): per batch the frozen source model
+predicts too, and runtime.guard.Guarded, the engine's own guard, judges both predictions, the last update's loss,
 the weight distance and the BN shift, and carries out its verdict (fallback: serve the source
 prediction and skip this batch's update; rollback: back to the last good in-memory snapshot,
 kept every --guard-snapshot-every healthy updates; reset: to source).
@@ -28,11 +30,13 @@ import torch
 import adapters
 from runtime import guard as guarding
 from runtime.console import Progress, table
-from runtime.demo.model import build_demo_model, load_prototypes
 from runtime.drift import BNShift
+from runtime.lab import corruption_cache, userdata
 from runtime.lab import corruptions as corr
-from runtime.lab import datasets
+from runtime.lab.replay_inputs import DataSource, UserSource, load_model
 from runtime.lab.streams import ALIASES, SETTINGS, Stream, canonical_setting
+
+__all__ = ["DataSource", "add_arguments", "run"]
 
 EXAMPLES = """examples:
   tta replay --adapter source,bn --n-per-domain 1000          # continual, severity 5, batch 200
@@ -42,6 +46,8 @@ EXAMPLES = """examples:
   tta replay --adapter bn-alpha --batch-size 1 --n-per-domain 100 --json
   tta replay --data slice ...       # the shipped 2 000-image demo slice (no Debian package needed)
   tta replay --adapter source,tent --setting correlated --batch-size 64 --guard rollback   # collapse guard
+  tta replay --model my.toml --dataset test.npz --adapter source,bn,tent     # your model, your data, corrupted
+  tta replay --model my.toml --dataset day.npz --dataset night.npz --corruptions none   # your recorded shift
 
 Data: the Fashion-MNIST test split (apt-get install dataset-fashion-mnist), corrupted once into
 the cache (~/.cache/tta-runtime or $TTA_CACHE_DIR). --hp applies to every selected adapter that
@@ -66,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--severity", type=int, default=5, choices=corr.SEVERITIES,
                         help="severity (gradual always plays 1..5..1)")
     parser.add_argument("--seed", type=int, default=1, help="stream order seed (RNG_SEED) and adapter seed")
-    parser.add_argument("--corruptions", default=",".join(corr.CORRUPTIONS), help="comma list, in stream order")
+    parser.add_argument("--corruptions", default=",".join(corr.CORRUPTIONS),
+                        help="comma list, in stream order; 'none' plays the --dataset files as recorded")
     parser.add_argument("--n-per-domain", type=int, default=None,
                         help="samples per domain (default: all); for mixed, the stream holds n × domains")
     parser.add_argument("--delta", type=float, default=0.0, help="Dirichlet δ for *_correlated (0: sort by label)")
@@ -76,14 +83,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hyperparameter, repeatable; ADAPTER.KEY=VALUE for one adapter")
     parser.add_argument("--data", choices=["auto", "full", "slice"], default="auto",
                         help="full test split (Debian package), the shipped demo slice, or full when installed")
-    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder")
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX folder (an error when unusable)")
+    parser.add_argument("--model", default=None, metavar="CONFIG.toml",
+                        help="the model config `tta serve --model` takes (default: the built-in demo model)")
+    parser.add_argument("--dataset", action="append", default=None, metavar="FILE.npz|FOLDER",
+                        help="your labelled images: .npz (x uint8 NHWC or float32 NCHW in [0, 1], y labels) or a "
+                             "folder of class sub-folders; repeat with --corruptions none for successive domains")
     parser.add_argument("--cache-dir", default=None, help="corruption cache (default ~/.cache/tta-runtime)")
+    parser.add_argument("--cache-max-mb", type=float, default=corruption_cache.DEFAULT_MAX_MB,
+                        help="bound on the cache of corrupted --dataset files (least recently used removed first)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     parser.add_argument("--guard", choices=guarding.ACTIONS, default="off",
-                        help="collapse guard (runtime/guard.py) on the runs of weight-updating adapters (tent, "
-                             "mean-teacher, cotta; as in the server, statistics-only ones are not guarded): "
-                             "what to do on collapse")
+                        help="collapse guard (runtime/guard.py) on the runs of adapting policies (as in the "
+                             "server: runtime.guard.is_guarded): what to do on collapse")
     parser.add_argument("--guard-patience", type=int, default=guarding.GuardConfig.patience)
     parser.add_argument("--guard-snapshot-every", type=int, default=guarding.GuardConfig.snapshot_every,
                         help="updates between automatic last-good snapshots")
@@ -91,42 +104,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smaller batches are answered by the source model")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--no-progress", action="store_true")
-
-
-# ----------------------------------------------------------------------------- data
-
-class DataSource:
-    """Loader for streams: corrupted images per (domain, severity), plus the clean labels."""
-
-    def __init__(self, kind: str = "auto", data_dir=None, cache_dir=None, seed: int = 0, show_progress: bool = True):
-        if kind == "auto":
-            try:
-                datasets.load_split("test", data_dir)
-                kind = "full"
-            except datasets.DatasetMissing:
-                print("note: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist); "
-                      "using the shipped 2 000-image demo slice", file=sys.stderr)
-                kind = "slice"
-        self.kind, self.data_dir, self.cache_dir, self.seed = kind, data_dir, cache_dir, seed
-        self.show_progress = show_progress
-        if kind == "slice":
-            self.clean, self.labels = datasets.load_demo_slice()
-        else:
-            self.clean = None
-            self.labels = datasets.load_split("test", data_dir)[1]
-        self._memo: dict[tuple[str, int], np.ndarray] = {}
-
-    def __call__(self, domain: str, severity: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (domain, severity)
-        if key not in self._memo:
-            if self.kind == "slice":
-                self._memo[key] = corr.corrupt(self.clean, domain, severity, seed=self.seed)
-            else:
-                # uint8 (the cache's own format): 4× less memory than float32, and exact
-                self._memo[key], _ = corr.corrupted_split(domain, severity, "test", seed=self.seed,
-                                                          data_dir=self.data_dir, cache=self.cache_dir,
-                                                          show_progress=self.show_progress, as_uint8=True)
-        return self._memo[key], self.labels
 
 
 # ----------------------------------------------------------------------------- running
@@ -152,8 +129,9 @@ def parse_adapters(values: list[str] | None) -> list[str]:
 
 
 def hyperparameters_for(name: str, hp: list[str], norm: str | None, seed: int,
-                        prototypes: torch.Tensor | None) -> dict:
-    """The keyword arguments for adapters.create(name, ...): --hp values that apply, norm, seed, prototypes."""
+                        prototypes: torch.Tensor | None, fisher_data: torch.Tensor | None = None) -> dict:
+    """The keyword arguments for adapters.create(name, ...): --hp values that apply, norm, seed, prototypes
+    and the model config's fisher_data (eata)."""
     known = {h["name"] for h in adapters.describe(name)["hyperparameters"]}
     raw = {}
     for item in hp:
@@ -173,6 +151,8 @@ def hyperparameters_for(name: str, hp: list[str], norm: str | None, seed: int,
         typed.setdefault("seed", seed)
     if name == "mean-teacher" and prototypes is not None:
         typed.setdefault("prototypes", prototypes)
+    if name == "eata" and fisher_data is not None:
+        typed.setdefault("fisher_data", fisher_data)
     return typed
 
 
@@ -232,7 +212,8 @@ class _GuardedRun:
 
 
 def run_adapter(name: str, model: torch.nn.Module, stream: Stream, hyperparameters: dict, device: str = "cpu",
-                show_progress: bool = True, guard: guarding.GuardConfig | None = None) -> Result:
+                show_progress: bool = True, guard: guarding.GuardConfig | None = None,
+                prototypes_name: str = "demo prototypes.pt") -> Result:
     """Feed the stream through a fresh adapter; errors per corruption and per block."""
     d = len(stream.corruptions)
     wrong, seen = np.zeros(d, np.int64), np.zeros(d, np.int64)
@@ -262,9 +243,11 @@ def run_adapter(name: str, model: torch.nn.Module, stream: Stream, hyperparamete
     errors = {c: 100.0 * wrong[i] / seen[i] for i, c in enumerate(stream.corruptions) if seen[i]}
     by_block = [{"domain": stream.blocks[b].domain, "severity": stream.blocks[b].severity,
                  "error": 100.0 * w / n, "samples": n} for b, (w, n) in sorted(blocks.items())]
-    shown = {k: v for k, v in hyperparameters.items() if k != "prototypes"}
+    shown = {k: v for k, v in hyperparameters.items() if k not in ("prototypes", "fisher_data")}
     if "prototypes" in hyperparameters:
-        shown["prototypes"] = "demo prototypes.pt"
+        shown["prototypes"] = prototypes_name
+    if "fisher_data" in hyperparameters:
+        shown["fisher_data"] = f"model config fisher_data ({len(hyperparameters['fisher_data'])} images)"
     return Result(name, errors, float(np.mean(list(errors.values()))), int(seen.sum()), seconds, by_block, shown,
                   guarded.summary() if guarded else {})
 
@@ -278,72 +261,96 @@ def guard_cell(summary: dict) -> str:
 
 def format_table(results: list[Result], corruptions: list[str], title: str = "") -> str:
     guarded = any(r.guard for r in results)
-    head = ["adapter"] + [SHORT.get(c, c[:5]) for c in corruptions] + ["mean", "time"] + (["guard"] if guarded else [])
+    head = ["adapter"] + [SHORT.get(c, c) for c in corruptions] + ["mean", "time"] + (["guard"] if guarded else [])
     rows = [[r.adapter] + [f"{r.errors[c]:.1f}" if c in r.errors else "-" for c in corruptions]
             + [f"{r.mean:.1f}", f"{r.seconds:.0f}s"] + ([guard_cell(r.guard)] if guarded else []) for r in results]
     return "\n".join(([title] if title else []) + [table(head, rows, markdown=True)])
 
 
+def _source(args, model, corruptions: list[str], show: bool):
+    """The data: the demo's Fashion-MNIST, or the user's --dataset files (corrupted, or as recorded)."""
+    recorded = corruptions == ["none"]
+    if not args.dataset:
+        if args.model:
+            raise ValueError("--model needs --dataset FILE.npz|FOLDER: the demo's Fashion-MNIST fits the demo model only")
+        if recorded:
+            raise ValueError("--corruptions none plays your --dataset files as recorded; give --dataset")
+        return DataSource(args.data, args.data_dir, args.cache_dir, seed=0, show_progress=show)
+    if args.data != "auto" or args.data_dir:
+        raise ValueError("--data / --data-dir choose the demo's Fashion-MNIST; drop them when giving --dataset")
+    sets = [userdata.load(path, model.expect, show) for path in args.dataset]
+    cache = None if recorded else corruption_cache.CorruptionCache(corr.cache_dir(args.cache_dir), args.cache_max_mb)
+    return UserSource(sets, corrupt=not recorded, cache=cache, seed=0, show_progress=show)
+
+
 def run(args) -> int:
+    fail = lambda e: print(f"error: {e}", file=sys.stderr) or 2  # noqa: E731 - one line, exit code 2
     try:
-        names = parse_adapters(args.adapter)
         setting = canonical_setting(args.setting)
         corruptions = [c.strip() for c in args.corruptions.split(",") if c.strip()]
+        if "none" in corruptions and corruptions != ["none"]:
+            raise ValueError("--corruptions none cannot be combined with corruptions")
+        guard = guarding.GuardConfig(action=args.guard, patience=args.guard_patience,
+                                     snapshot_every=args.guard_snapshot_every, min_batch=args.guard_min_batch)
+    except ValueError as e:
+        return fail(e)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    show = not (args.no_progress or args.json and not sys.stderr.isatty())
+    try:
+        model = load_model(args.model, args.device)
+        default = None if model.can_adapt or args.adapter else ["source"]  # a frozen graph serves source only
+        names = parse_adapters(args.adapter or default)
+        refusal = model.refusal(names)
+        if refusal:
+            raise ValueError(refusal)
         check_hp_used(names, args.hp)
         if args.norm and args.norm not in adapters.available():
             raise ValueError(f"--norm {args.norm!r}: not an adapter")
         if args.norm and not NORM_CAPABLE & set(names):
             raise ValueError(f"--norm composes with {', '.join(sorted(NORM_CAPABLE))}; none of them is selected")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        guard = guarding.GuardConfig(action=args.guard, patience=args.guard_patience,
-                                     snapshot_every=args.guard_snapshot_every, min_batch=args.guard_min_batch)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    show = not (args.no_progress or args.json and not sys.stderr.isatty())
-    try:
-        source = DataSource(args.data, args.data_dir, args.cache_dir, seed=0, show_progress=show)
-    except (datasets.DatasetMissing, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        source = _source(args, model, corruptions, show)
+    except (ValueError, FileNotFoundError) as e:
+        return fail(e)
+    domains = list(source.recorded) if source.recorded else corruptions
     n = args.n_per_domain
     if n is not None and setting.startswith("mixed"):
-        n = n * len(corruptions)  # the mixed loader's NUM_EX is the whole stream
+        n = n * len(domains)  # the mixed loader's NUM_EX is the whole stream
     try:
-        stream = Stream(setting, source, source.labels, corruptions, args.severity, args.batch_size, n,
-                        args.seed, args.delta)
-        for c in corruptions:  # generate the cache up front, so adapter timings exclude it
+        stream = Stream(setting, source, source.labels, corruptions if not source.recorded else (), args.severity,
+                        args.batch_size, n, args.seed, args.delta, recorded=source.recorded)
+        for c in stream.corruptions:  # generate the cache up front, so adapter timings exclude it
             for s in sorted({b.severity for b in stream.blocks}):
                 source(c, s)
-        model = build_demo_model().to(args.device)
-        prototypes = load_prototypes()
+        if source.cache_line():
+            print(source.cache_line(), file=sys.stderr)
         results = []
         for name in names:
-            hp = hyperparameters_for(name, args.hp, args.norm, args.seed, prototypes)
+            hp = hyperparameters_for(name, args.hp, args.norm, args.seed, model.prototypes, model.fisher_data)
             torch.manual_seed(args.seed)  # anything drawing from the global generator starts the same
             label = f"{name}+{args.norm}" if args.norm and name in NORM_CAPABLE else name
-            result = run_adapter(name, model, stream, hp, args.device, show, guard)
+            result = run_adapter(name, model.module, stream, hp, args.device, show, guard,
+                                 "demo prototypes.pt" if model.name == "demo" and not args.model
+                                 else "model config prototypes")
             result.adapter = label
             results.append(result)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    config = {"setting": setting, "batch_size": args.batch_size, "severity": args.severity, "seed": args.seed,
-              "corruptions": corruptions, "n_per_domain": args.n_per_domain, "delta": args.delta,
-              "norm": args.norm, "hp": args.hp, "data": source.kind, "samples": stream.num_samples(),
-              "torch_threads": torch.get_num_threads(), "guard": guard.__dict__ if args.guard != "off" else None}
+        return fail(e)
+    config = {"setting": setting, "batch_size": args.batch_size, "severity": 0 if source.recorded else args.severity,
+              "seed": args.seed, "corruptions": stream.corruptions, "recorded": bool(source.recorded),
+              "n_per_domain": args.n_per_domain, "delta": args.delta, "norm": args.norm, "hp": args.hp,
+              "data": source.kind, "samples": stream.num_samples(), "torch_threads": torch.get_num_threads(),
+              "guard": guard.__dict__ if args.guard != "off" else None, "model": model.meta, "datasets": source.meta,
+              "cache": source.cache.summary() if getattr(source, "cache", None) and not source.recorded else None}
     if args.json:
         print(json.dumps({"config": config, "results": [r.__dict__ for r in results]}, indent=2))
     else:
-        sev = "1-5-1" if setting.startswith("gradual") else str(args.severity)
+        sev = "none (recorded)" if source.recorded else "1-5-1" if setting.startswith("gradual") else str(args.severity)
+        data = (f"{source.kind} test data" if source.kind != "user"
+                else f"model {model.name}, data {', '.join(d['name'] for d in source.meta)}")
         title = (f"{setting}, severity {sev}, batch {args.batch_size}, seed {args.seed}, "
-                 f"{stream.num_samples()} samples ({source.kind} test data)"
+                 f"{stream.num_samples()} samples ({data})"
                  + (f", δ={args.delta}" if setting.endswith("correlated") else "")
                  + (f", guard {args.guard}" if args.guard != "off" else "") + " - error %")
-        print(format_table(results, corruptions, title))
+        print(format_table(results, stream.corruptions, title))
     return 0

@@ -19,6 +19,11 @@ afterwards, so callers' random streams are left as they were (this changes no or
 
 `n` is the benchmark's NUM_EX: samples per loader, so for mixed_domains it is the size of the
 whole mixed stream (the replay command passes n_per_domain × domains there).
+
+Recorded data (`recorded=`, `tta replay --corruptions none`): the domains are the user's datasets,
+each with its own labels and size, at no severity (0). They play in their recorded order (the
+first n when n is given, no shuffle); mixed_domains shuffles them together as above, and the
+label orderings of *_correlated apply to the recorded order. gradual needs corruptions.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ ALIASES = {"mixed": "mixed_domains", "mixed_correlated": "mixed_domains_correlat
 GRADUAL_SEVERITIES = [1, 2, 3, 4, 5, 4, 3, 2, 1]
 MIXED = "mixed"
 
-# (x (N, 3, 32, 32) float32 in [0, 1] or uint8 in [0, 255], y int64 (N,)) of one domain at one severity
+# (x (N, C, H, W) float32 in [0, 1] or uint8 in [0, 255], y int64 (N,)) of one domain at one severity
 Loader = Callable[[str, int], tuple[np.ndarray, np.ndarray]]
 
 
@@ -84,16 +89,18 @@ def sort_by_dirichlet(delta: float, samples: Sequence[tuple[int, int]], timeout:
 
 
 def sample_order(labels: np.ndarray, seed: int = 1, n: int | None = None, correlated: bool = False,
-                 delta: float = 0.0) -> np.ndarray:
-    """Indices into one loader's samples in the order the benchmark presents them."""
+                 delta: float = 0.0, shuffle: bool = True) -> np.ndarray:
+    """Indices into one loader's samples in the order the benchmark presents them (shuffle=False:
+    the given order, its first n)."""
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         random.seed(seed)
         np.random.seed(seed)
         samples = [(i, int(label)) for i, label in enumerate(labels)]
-        random.shuffle(samples)
+        if shuffle:
+            random.shuffle(samples)
         if n is not None and n != -1:
-            samples = random.sample(samples, k=min(n, len(samples)))
+            samples = random.sample(samples, k=min(n, len(samples))) if shuffle else samples[:n]
         if correlated:
             if delta > 0:
                 samples = sort_by_dirichlet(delta, samples)
@@ -126,7 +133,7 @@ def schedule(setting: str, corruptions: Sequence[str] = CORRUPTIONS, severity: i
 
 @dataclass
 class StreamBatch:
-    x: np.ndarray          # float32 (B, 3, 32, 32) in [0, 1]
+    x: np.ndarray          # float32 (B, C, H, W) in [0, 1]
     y: np.ndarray          # int64 (B,)
     domains: np.ndarray    # int64 (B,): index of each sample's corruption in the stream's list
     domain: str            # the block's domain ("mixed" for mixed_domains)
@@ -138,22 +145,37 @@ class StreamBatch:
 class Stream:
     """A benchmark stream: iterate for StreamBatch-es; len() is the number of batches."""
 
-    def __init__(self, setting: str, load: Loader, labels: np.ndarray, corruptions: Sequence[str] = CORRUPTIONS,
-                 severity: int = 5, batch_size: int = 200, n: int | None = None, seed: int = 1, delta: float = 0.0):
+    def __init__(self, setting: str, load: Loader, labels: np.ndarray | None, corruptions: Sequence[str] = CORRUPTIONS,
+                 severity: int = 5, batch_size: int = 200, n: int | None = None, seed: int = 1, delta: float = 0.0,
+                 recorded: dict[str, np.ndarray] | None = None):
         if batch_size < 1:
             raise ValueError("batch size must be >= 1")
-        unknown = [c for c in corruptions if c not in CORRUPTIONS]
-        if unknown:
-            raise ValueError(f"unknown corruption(s) {unknown}; choose from {', '.join(CORRUPTIONS)}")
         self.setting = canonical_setting(setting)
-        self.load, self.labels = load, np.asarray(labels)
+        self.recorded = recorded
+        if recorded is not None:  # the user's own domains, each with its labels
+            if not recorded:
+                raise ValueError("no recorded domains")
+            if self.setting.startswith("gradual"):
+                raise ValueError("gradual plays severities 1..5..1 of corruptions; recorded data "
+                                 "(--corruptions none) has none: choose another setting")
+            corruptions, severity = list(recorded), 0
+            self.domain_labels = {d: np.asarray(y) for d, y in recorded.items()}
+        else:
+            unknown = [c for c in corruptions if c not in CORRUPTIONS]
+            if unknown:
+                raise ValueError(f"unknown corruption(s) {unknown}; choose from {', '.join(CORRUPTIONS)}")
+            self.domain_labels = {c: np.asarray(labels) for c in corruptions}
+        self.load, self.labels = load, None if labels is None else np.asarray(labels)
         self.corruptions, self.severity = list(corruptions), severity
         self.batch_size, self.n, self.seed, self.delta = batch_size, n, seed, delta
         self.correlated = self.setting.endswith("correlated")
         self.blocks = schedule(self.setting, self.corruptions, severity)
 
+    def _domains(self, block: Block) -> list[str]:
+        return self.corruptions if block.domain == MIXED else [block.domain]
+
     def _block_size(self, block: Block) -> int:
-        total = len(self.labels) * (len(self.corruptions) if block.domain == MIXED else 1)
+        total = sum(len(self.domain_labels[d]) for d in self._domains(block))
         return total if self.n is None or self.n == -1 else min(self.n, total)
 
     def __len__(self) -> int:
@@ -163,24 +185,25 @@ class Stream:
         return sum(self._block_size(b) for b in self.blocks)
 
     def _block_data(self, block: Block) -> tuple[list[np.ndarray], np.ndarray]:
-        domains = self.corruptions if block.domain == MIXED else [block.domain]
         xs = []
-        for d in domains:
+        for d in self._domains(block):
             x, y = self.load(d, block.severity)
-            if not np.array_equal(y, self.labels):
+            if not np.array_equal(y, self.domain_labels[d]):
                 raise ValueError(f"domain {d} s{block.severity}: labels differ from the clean split's")
             xs.append(x)
-        return xs, np.tile(self.labels, len(domains))
+        return xs, np.concatenate([self.domain_labels[d] for d in self._domains(block)])
 
     def __iter__(self) -> Iterator[StreamBatch]:
-        n_per = len(self.labels)
         for b, block in enumerate(self.blocks):
             xs, labels = self._block_data(block)
-            order = sample_order(labels, self.seed, self.n, self.correlated, self.delta)
+            starts = np.cumsum([0] + [len(x) for x in xs])
+            shuffle = self.recorded is None or block.domain == MIXED
+            order = sample_order(labels, self.seed, self.n, self.correlated, self.delta, shuffle)
             first_domain = 0 if block.domain == MIXED else self.corruptions.index(block.domain)
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                part, within = idx // n_per, idx % n_per  # which domain array, which image in it
+                part = np.searchsorted(starts, idx, side="right") - 1  # which domain array
+                within = idx - starts[part]  # which image in it
                 x = np.stack([xs[p][i] for p, i in zip(part, within)])
                 x = x.astype(np.float32) / 255 if x.dtype == np.uint8 else x.astype(np.float32, copy=False)
                 yield StreamBatch(x=x, y=labels[idx], domains=part + first_domain, domain=block.domain,

@@ -105,8 +105,10 @@ def test_guard_column_and_json_summary(capsys):
     assert sum(result["guard"]["actions"].values()) == sum(result["guard"]["verdicts"].values())
 
 
-def test_only_weight_updating_adapters_are_guarded(capsys):
-    """As in the server (runtime.guard.is_guarded): statistics-only policies run unguarded."""
-    out = run_json(capsys, "--adapter", "bn,unmix-tns,tent", "--guard", "rollback", "--n-per-domain", "32")
+def test_every_adapting_policy_is_guarded_as_in_the_server(capsys):
+    """As in the server (runtime.guard.is_guarded): statistics-only policies are guarded too, source is not."""
+    out = run_json(capsys, "--adapter", "source,bn,unmix-tns,tent", "--guard", "rollback", "--n-per-domain", "32")
     guards = {r["adapter"]: r["guard"] for r in out["results"]}
-    assert guards["bn"] == {} and guards["unmix-tns"] == {} and guards["tent"]
+    assert guards["source"] == {}
+    for name in ("bn", "unmix-tns", "tent"):
+        assert set(guards[name]) == {"verdicts", "actions", "max_weight_distance"}, (name, guards[name])
