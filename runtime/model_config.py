@@ -4,7 +4,10 @@
     [model]
     factory = "runtime.demo.model:build_demo_model" # or "path/to/file.py:build"; an nn.Module
     factory_args = { pretrained = false }
-    weights = "demo_resnet.pt"                      # state dict loaded into the factory's module
+    weights = "demo_resnet.pt"                      # state dict loaded into the factory's module; required,
+                                                    # unless factory_weights = true (the factory returns the
+                                                    # trained network itself, e.g. pretrained=True) or
+                                                    # random_weights = true (untrained on purpose: tests)
     # torchscript = "model.pt"  |  exported = "model.pt2"  |  onnx = "model.onnx"
     prototypes = "prototypes.pt"                    # (classes, D) tensor for mean-teacher
     fisher_data = "fisher.npz"                      # source images for eata's Fisher (x: uint8 NHWC
@@ -312,6 +315,19 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         network = _import_factory(mcfg["factory"], base)(**dict(mcfg.get("factory_args", {})))
         if not isinstance(network, nn.Module):
             raise ConfigError(f"[model] factory {mcfg['factory']!r} returned {type(network).__name__}, not an nn.Module")
+        untrained = [k for k in ("random_weights", "factory_weights") if mcfg.get(k) is True]
+        for key in ("random_weights", "factory_weights"):
+            if not isinstance(mcfg.get(key, False), bool):
+                raise ConfigError(f"{path}: [model] {key} must be true or false, not {mcfg[key]!r}")
+        if "weights" in mcfg and untrained:
+            raise ConfigError(f"{path}: [model] give weights or {untrained[0]} = true, not both")
+        if "weights" not in mcfg and not untrained:
+            raise ConfigError(
+                f"{path}: [model] factory {mcfg['factory']!r} has no weights: the network would serve (and adapt "
+                f"from) whatever its factory initialises it with, random unless the factory loads trained weights. "
+                f"Add weights = \"model.pt\" (a state dict of the factory's network); or, if the factory returns "
+                f"the trained network itself (e.g. pretrained=True), factory_weights = true; or, to serve untrained "
+                f"weights on purpose (tests), random_weights = true")
         if "weights" in mcfg:
             state = _torch_load(_resolve(base, mcfg["weights"]))
             try:

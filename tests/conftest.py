@@ -27,6 +27,7 @@ def write_tiny_config(folder: Path, default_policy: str = "bn", extra_model: str
 name = "tiny"
 [model]
 factory = "{TINY_FACTORY}:tiny_cnn"
+random_weights = true  # tiny_cnn's own seeded initialisation, on purpose (no weights file)
 {extra_model}
 [input]
 size = [16, 16]

@@ -287,7 +287,8 @@ def test_config_errors_are_actionable(tmp_path):
     bad.write_text('[model]\nfactory = "no.such.module:build"\n[input]\nsize = [16, 16]\n')
     with pytest.raises(ConfigError, match="cannot be imported"):
         load(bad)
-    bad.write_text(f'[model]\nfactory = "{REPO}/tests/adapter_models.py:tiny_cnn"\n[input]\nsize = [16, 16]\n'
+    bad.write_text(f'[model]\nfactory = "{REPO}/tests/adapter_models.py:tiny_cnn"\nrandom_weights = true\n'
+                   f'[input]\nsize = [16, 16]\n'
                    f'[output]\nlabels = ["a", "b"]\n')
     with pytest.raises(ConfigError, match="2 labels for a model with 10 classes"):
         load(bad)
