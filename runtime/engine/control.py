@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 
 from runtime.checkpoints import CorruptCheckpoint
+from runtime.engine import export
 from runtime.engine.errors import EngineError, check_snapshot_name, shown, storage_error
 from runtime.engine.policies import Policies
 from runtime.engine.table import REMEMBERED_REQUESTS, StreamTable
@@ -85,6 +86,13 @@ class Control:
             raise storage_error(e, f"snapshot {shown(name)} of stream {shown(stream_id)} could not be read") from None
         self.table.roll_back(stream, record)
         return self._info(stream)
+
+    def export_stream(self, stream_id: str, fmt: str) -> dict:
+        """The stream exported (engine/export.py), after its owed update; its state is only read."""
+        export.check_format(fmt)  # before the stream is touched
+        stream = self.table.get(stream_id, create=False)
+        self.table.learn_owed(stream)
+        return export.export_stream(stream, self.model, self.policies, fmt)
 
     def feedback(self, request_id: str, labels: list[int]) -> dict:
         predictions = self.table.predictions

@@ -174,6 +174,10 @@ class Engine:
     async def rollback(self, stream_id: str, name: str = "") -> dict:
         return await self._on_stream(stream_id, lambda s: self.control.rollback(s, name))
 
+    async def export_stream(self, stream_id: str, fmt: str) -> dict:
+        """ExportStream: the stream as an ONNX graph or a safetensors state dict (engine/export.py)."""
+        return await self._on_stream(stream_id, lambda s: self.control.export_stream(s, fmt))
+
     async def feedback(self, request_id: str, labels: list[int]) -> dict:
         if not request_id:
             raise EngineError("INVALID_ARGUMENT", "request_id is required (the id of the inference response)")

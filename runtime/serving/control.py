@@ -1,13 +1,16 @@
 """tta.v1.AdaptationService: the control RPCs, each one typed engine call."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 from runtime.engine import Engine, EngineError
 from runtime.engine.errors import shown
 from runtime.model_config import LoadedModel
-from runtime.serving.errors import unary
+from runtime.serving.errors import Malformed, Request, trailers_of, unary
 from runtime.serving.wire import stream_info, tta_grpc, tta_pb
+
+EXPORT_CHUNK = 2**20 - 2**16  # bytes of a file per ExportChunk: with the first chunk's fields, under 1 MiB
 
 
 class AdaptationService(tta_grpc.AdaptationServiceServicer):
@@ -77,3 +80,22 @@ class AdaptationService(tta_grpc.AdaptationServiceServicer):
     async def Feedback(self, request, context):
         self._check_model(request)
         return tta_pb.FeedbackResponse(**await self.engine.feedback(request.request_id, list(request.labels)))
+
+    async def ExportStream(self, request, context):
+        """Server streaming: errors are counted and mapped as @unary does (serving/errors.py), before
+        the first chunk; the file is built on the worker, then sent in EXPORT_CHUNK pieces."""
+        account = Request(self.metrics, "ExportStream")
+        try:
+            if isinstance(request, Malformed):
+                raise request.error()
+            self._check_model(request)
+            exported = await self.engine.export_stream(request.stream_id, request.format)
+        except EngineError as e:
+            await context.abort(*account.failed(e), trailers_of(e))
+        account.ok()
+        data = exported["data"]
+        yield tta_pb.ExportChunk(data=data[:EXPORT_CHUNK], file_name=exported["file_name"], format=exported["format"],
+                                 note=exported["note"], total_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                                 policy=exported["policy"], step=exported["step"])
+        for start in range(EXPORT_CHUNK, len(data), EXPORT_CHUNK):
+            yield tta_pb.ExportChunk(data=data[start:start + EXPORT_CHUNK])
