@@ -308,7 +308,10 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     def wrap(m: nn.Module, set_eval: bool = True) -> nn.Module:
         if set_eval:  # torch.export modules refuse eval(); they were exported in inference mode
             m = m.eval()
-        return (Normalized(m, mean, std) if mean is not None else m).to(device)
+        if mean is None:
+            return m.to(device)
+        wrapped = Normalized(m, mean, std)  # in eval mode as its network: torch.onnx.export restores the
+        return (wrapped.eval() if set_eval else wrapped).to(device)  # wrapper's mode recursively
 
     module, frozen, platform, notes, frozen_file = None, None, "", [], None
     if "factory" in mcfg:

@@ -136,6 +136,9 @@ def feed(target: str, n_batches: int, offset: int = 0) -> None:
     bad.set_data_from_numpy(np.zeros((2, 3, 5, 5), np.float32))
     with pytest.raises(InferenceServerException, match="INVALID_ARGUMENT"):
         client.infer("tiny", [bad], parameters={"stream_id": TRACKED[0]})
+    one = grpcclient.InferInput("input", [1, 3, 16, 16], "FP32")  # a single image: the guard's small_batch fallback
+    one.set_data_from_numpy(rng.random((1, 3, 16, 16), dtype=np.float32))
+    client.infer("tiny", [one], parameters={"stream_id": TRACKED[1]})
 
 
 class Prometheus:

@@ -88,6 +88,17 @@ containers:
       - --policy
       - {{ .Values.server.policy | quote }}
       {{- end }}
+      {{- if .Values.tls.enabled }}
+      # TLS from the Secret tls.secretName, mounted at /etc/tta/tls
+      - --tls-cert
+      - /etc/tta/tls/tls.crt
+      - --tls-key
+      - /etc/tta/tls/tls.key
+      {{- if .Values.tls.clientAuth }}
+      - --tls-client-ca
+      - /etc/tta/tls/ca.crt
+      {{- end }}
+      {{- end }}
       {{- if .Values.coordination.enabled }}
       # multi-replica mode: hold streams through etcd leases; the pod name is the replica id and
       # its DNS name under the governing Service the address other replicas reach it at
@@ -130,10 +141,37 @@ containers:
       - name: metrics
         containerPort: 8002
         protocol: TCP
+    {{- if .Values.tls.enabled }}
+    # Kubernetes' gRPC probes speak no TLS: the image's health check does (runtime.healthcheck), verifying
+    # the server against ca.crt{{ if .Values.tls.clientAuth }} and presenting tls.crt as its client certificate{{ end }}
+    startupProbe:
+      exec:
+        command: ["python", "-m", "runtime.healthcheck", "--target", "127.0.0.1:8001", "--timeout", "3",
+                  "--tls-ca", "/etc/tta/tls/ca.crt"{{ if .Values.tls.clientAuth }}, "--tls-cert", "/etc/tta/tls/tls.crt", "--tls-key", "/etc/tta/tls/tls.key"{{ end }}{{ with .Values.tls.serverName }}, "--tls-server-name", {{ . | quote }}{{ end }}]
+      periodSeconds: {{ .Values.probes.startup.periodSeconds }}
+      timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
+      failureThreshold: {{ .Values.probes.startup.failureThreshold }}
+    livenessProbe:
+      exec:
+        command: ["python", "-m", "runtime.healthcheck", "--target", "127.0.0.1:8001", "--timeout", "3",
+                  "--tls-ca", "/etc/tta/tls/ca.crt"{{ if .Values.tls.clientAuth }}, "--tls-cert", "/etc/tta/tls/tls.crt", "--tls-key", "/etc/tta/tls/tls.key"{{ end }}{{ with .Values.tls.serverName }}, "--tls-server-name", {{ . | quote }}{{ end }}]
+      periodSeconds: {{ .Values.probes.liveness.periodSeconds }}
+      timeoutSeconds: {{ .Values.probes.liveness.timeoutSeconds }}
+      failureThreshold: {{ .Values.probes.liveness.failureThreshold }}
+    readinessProbe:
+      exec:
+        command: ["python", "-m", "runtime.healthcheck", "--target", "127.0.0.1:8001", "--timeout", "3",
+                  "--service", "inference.GRPCInferenceService",
+                  "--tls-ca", "/etc/tta/tls/ca.crt"{{ if .Values.tls.clientAuth }}, "--tls-cert", "/etc/tta/tls/tls.crt", "--tls-key", "/etc/tta/tls/tls.key"{{ end }}{{ with .Values.tls.serverName }}, "--tls-server-name", {{ . | quote }}{{ end }}]
+      periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
+      timeoutSeconds: {{ .Values.probes.readiness.tlsTimeoutSeconds }}
+      failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+    {{- else }}
     startupProbe:
       grpc:
         port: 8001
       periodSeconds: {{ .Values.probes.startup.periodSeconds }}
+      timeoutSeconds: {{ .Values.probes.startup.timeoutSeconds }}
       failureThreshold: {{ .Values.probes.startup.failureThreshold }}
     livenessProbe:
       grpc:
@@ -148,6 +186,7 @@ containers:
       periodSeconds: {{ .Values.probes.readiness.periodSeconds }}
       timeoutSeconds: {{ .Values.probes.readiness.timeoutSeconds }}
       failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
+    {{- end }}
     securityContext:
       {{- toYaml .Values.securityContext | nindent 6 }}
     resources:
@@ -171,6 +210,11 @@ containers:
       {{- if .Values.modelVolume }}
       - name: models
         mountPath: /models
+        readOnly: true
+      {{- end }}
+      {{- if .Values.tls.enabled }}
+      - name: tls
+        mountPath: /etc/tta/tls
         readOnly: true
       {{- end }}
 volumes:
@@ -197,6 +241,12 @@ volumes:
   {{- with .Values.modelVolume }}
   - name: models
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if .Values.tls.enabled }}
+  - name: tls
+    secret:
+      secretName: {{ .Values.tls.secretName | quote }}
+      defaultMode: 0440
   {{- end }}
 {{- with .Values.nodeSelector }}
 nodeSelector:
