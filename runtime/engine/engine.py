@@ -48,18 +48,21 @@ class Engine:
     def __init__(self, model: LoadedModel, metrics: Metrics | None = None, state_dir: str | None = None,
                  max_streams: int = 1024, memory_budget_bytes: int = 2 << 30, max_queue: int = 256,
                  guard: GuardConfig | None = None, max_stream_queue: int = 64,
-                 checkpoint_interval: float = 0.0, max_group: int | None = None, max_queue_wait: float = 0.0,
+                 checkpoint_interval: float = 0.0, max_group: int = 64, max_queue_wait: float = 0.0,
                  stream_ttl: float = 0.0, state_key: bytes | None = None, ownership: Ownership | None = None,
-                 handoff_timeout: float = 5.0):
+                 handoff_timeout: float = 5.0, group_samples: int = 64, group_wait: float = 0.001):
         self.model = model
         # replicas: streams are held through etcd (runtime/coordination); None: this process owns all
         self.ownership, self.handoff_timeout = ownership, handoff_timeout
         self.metrics = metrics or Metrics(model.name, model.tracked_streams)
         self.max_streams, self.memory_budget = max_streams, memory_budget_bytes
-        # queued batches of different streams that can share one forward pass (adapters/batched.py):
-        # up to this many; 1 turns cross-stream batching off. Default: on for CUDA, where the passes
-        # are launch-bound; off on the CPU, where stacked passes measured no faster (docs/BENCHMARKS.md)
-        self.max_group = max_group if max_group is not None else (64 if str(model.device).startswith("cuda") else 1)
+        # dynamic batching: queued batches that can share one forward pass (frozen streams, and
+        # source/bn/bn-alpha streams with per-stream statistics, adapters/batched.py) are predicted
+        # together, up to `max_group` batches (1: off) and `group_samples` samples; a group may wait
+        # up to `group_wait` seconds for more, but only while measured arrivals say one is due and
+        # waiting has lately paid (GroupWait), so a lone client never waits
+        self.max_group, self.group_samples = max_group, group_samples
+        self.group_wait = GroupWait(group_wait)
         # periodic checkpoints of changed streams (with a state dir); 0 = only at eviction and shutdown
         self.checkpoint_interval = checkpoint_interval if state_dir else 0.0
         self._last_checkpoint = time.monotonic()
@@ -277,21 +280,34 @@ class Engine:
         job.resolve(result, error)
 
     def _gather_group(self, first: Job) -> list[Job] | None:
-        """`first` and the batches queued right behind it that can share its forward pass (other
-        streams, same key): taken in queue order and only while they match, so no stream's
-        batches or control operations are reordered. None when there is nothing to group."""
+        """`first` and the queued batches that can share its forward pass (same key; consecutive
+        batches of one frozen stream too), taken in queue order and only while they match, so no
+        stream's batches or control operations are reordered. None when there is nothing to group."""
         key = self.batches.group_key(first.batch)
         if key is None:
             return None
-        group, streams = [first], {first.batch.stream_id}
+        group, streams, samples = [first], {first.batch.stream_id}, len(first.batch.x)
+        frozen = key[0] == "frozen"  # no state: a stream's next batch may join its previous one
 
         def joins(job: Job) -> bool:
-            return (job.batch is not None and job.batch.stream_id not in streams
-                    and self.batches.group_key(job.batch) == key)
+            return (job.batch is not None and (frozen or job.batch.stream_id not in streams)
+                    and samples + len(job.batch.x) <= self.group_samples and self.batches.group_key(job.batch) == key)
 
-        while len(group) < self.max_group and (job := self.jobs.take_next_if(joins)) is not None:
+        until, joined_while_waiting = None, 0
+        while len(group) < self.max_group and samples < self.group_samples:
+            job = self.jobs.take_next_if(joins)
+            if job is None and until is None and self.group_wait.worth_it(self.jobs.arrival_gap):
+                until = time.monotonic() + self.group_wait.seconds
+            if job is None and until is not None:
+                job = self.jobs.take_next_if(joins, wait_until=until)
+                joined_while_waiting += job is not None
+            if job is None:
+                break
             group.append(job)
             streams.add(job.batch.stream_id)
+            samples += len(job.batch.x)
+        if until is not None:
+            self.group_wait.waited(joined_while_waiting)
         return group if len(group) > 1 else None
 
     def _tick(self) -> float | None:
@@ -311,6 +327,30 @@ class Engine:
                 log.exception("periodic checkpoint failed")
                 self.metrics.checkpoint_failures.labels(self.model.name).inc()
             self._last_checkpoint = time.monotonic()
+
+
+class GroupWait:
+    """Whether a group should wait for more batches: only when the measured time between
+    arrivals is within the wait, and waiting has lately brought batches (a moving average of
+    batches joined per wait; when it says no, one wait in PROBE_EVERY still tries, so a change
+    in the load is noticed)."""
+    PROBE_EVERY = 32
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.gain = 1.0  # batches that joined per wait, moving average
+        self._declined = 0
+
+    def worth_it(self, arrival_gap: float) -> bool:
+        if self.seconds <= 0 or arrival_gap > self.seconds:
+            return False
+        if self.gain >= 0.5:
+            return True
+        self._declined += 1
+        return self._declined % self.PROBE_EVERY == 0
+
+    def waited(self, joined: int) -> None:
+        self.gain = 0.8 * self.gain + 0.2 * joined
 
 
 def _internal(error: Exception) -> EngineError:

@@ -113,6 +113,10 @@ class Jobs:
         self._jitter = random.Random()
         self.queued = 0  # batches submitted and not yet answered (event-loop side)
         self.seconds_per_job = 0.0  # moving average of the time a batch job takes (worker side)
+        # moving average of the time between two batches' arrivals (event-loop side; the worker
+        # reads it to decide whether waiting for more batches to share a forward pass can pay)
+        self.arrival_gap = float("inf")
+        self._last_arrival: float | None = None
         self._accepting = True
         self._thread: threading.Thread | None = None
         self._once: dict[str, asyncio.Future] = {}
@@ -130,6 +134,7 @@ class Jobs:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if batch is not None:
+            self._arrived()
             self.queued += 1
             self._stream_queued[stream_id] += 1
             self._depth()
@@ -204,6 +209,13 @@ class Jobs:
         if self._stream_queued[stream_id] <= 0:
             del self._stream_queued[stream_id]
         self._depth()
+
+    def _arrived(self) -> None:
+        now = time.monotonic()
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self.arrival_gap = gap if self.arrival_gap == float("inf") else 0.8 * self.arrival_gap + 0.2 * gap
+        self._last_arrival = now
 
     def _depth(self) -> None:
         self.metrics.queue_depth.labels(self.metrics.model).set(self.queued)
@@ -302,13 +314,18 @@ class Jobs:
         with self._ready:
             return any(stream_id in r.streams for r in self._rounds)
 
-    def take_next_if(self, matches: Callable[[Job], bool]) -> Job | None:
-        """A queued job of another stream in this round that can join a group, or None."""
+    def take_next_if(self, matches: Callable[[Job], bool], wait_until: float | None = None) -> Job | None:
+        """A queued job in this round that can join a group, or None; with `wait_until`
+        (time.monotonic()), one submitted before then is waited for (never across a barrier)."""
         with self._ready:
-            while (job := self._pop(matches)) is not None:
-                if self._runnable(job):
-                    return job
-            return None
+            while True:
+                while (job := self._pop(matches)) is not None:
+                    if self._runnable(job):
+                        return job
+                remaining = None if wait_until is None else wait_until - time.monotonic()
+                if remaining is None or remaining <= 0 or self._rounds[0].barrier is not None:
+                    return None
+                self._ready.wait(remaining)
 
     def _runnable(self, job: Job) -> bool:
         if job.cancelled():

@@ -3,7 +3,8 @@
 
 Sections (`--sections`, default all but load):
   frozen   gRPC throughput of frozen (`source`) streams, unary and streaming, batch 1 and 64,
-           over the in-process forward of the same model            (runtime/lab/bench_grpc.py)
+           and single images from 8 concurrent clients (dynamic batching), over the in-process
+           forward of the same model                                (runtime/lab/bench_grpc.py)
   latency  reply latency p50/p99 per policy over the `source` policy's, and where the update went
   steps    one adapter step (predict + learn) over a frozen forward, per adapter, in-process
   cotta    CoTTA's step over a serial reference step, and grouped BN streams
@@ -23,8 +24,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from runtime.demo.launcher import LocalServer, ServerNotReady
 from runtime.demo.model import build_demo_model, load_prototypes
 from runtime.demo.resnet50 import build_resnet50
 from runtime.lab import bench_adapters as adapter_figures
-from runtime.lab.bench_grpc import bench_frozen, bench_latency
+from runtime.lab.bench_grpc import bench_concurrent, bench_frozen, bench_latency
 from runtime.lab.bench_load import bench_load
 from runtime.lab.timing import median_ms, paired_times
 
@@ -165,31 +164,26 @@ def bench_memory(model, names, x, budget_bytes: int, prototypes=None) -> list[di
 
 
 def bench_onnx(model, size, batch_sizes, batches: int, device) -> list[dict]:
-    """The frozen forward on ONNX Runtime over torch, same model exported with its BatchNorm
-    layers (as the server runs a config's `onnx` file for `source` streams)."""
-    import onnxruntime as ort
+    """A `source` stream's forward with its BN-shift figure as the server runs it: ONNX Runtime
+    (runtime/onnx_frozen.py: the model exported with its BatchNorm layers; one run yields the logits
+    and the BN layers' input means) over torch (the `source` adapter with the BN-shift probe)."""
+    from runtime import onnx_frozen
+    from runtime.drift import BNShift
 
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():  # the exporter's notes on constant folding are noise here
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model.cpu(), torch.rand(2, 3, *size), str(path), dynamo=False, input_names=["input"],
-                              output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
-        model.to(device)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    probe_x = np.random.default_rng(0).random((2, 3, *size), dtype=np.float32)
+    frozen = onnx_frozen.ort_forward(onnx_frozen.export(model, probe_x, device), device)
+    source, probe = adapters.create("source", model), BNShift()
+    source.observe_bn_inputs(probe)
 
     def torch_forward(x):
-        with torch.no_grad():
-            return model(torch.from_numpy(x).to(device)).cpu().numpy()
+        logits = source.predict(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        probe.take()
+        return logits
 
     def onnx_forward(x):
-        return session.run(None, {"input": x})[0]
+        logits, means = frozen.run(x)
+        frozen.bn_shift(means)
+        return logits
 
     rows = []
     for bs in batch_sizes:
@@ -200,7 +194,7 @@ def bench_onnx(model, size, batch_sizes, batches: int, device) -> list[dict]:
         ratio = statistics.median(t_onnx) / statistics.median(t_torch)
         rows.append({"batch": bs, "torch_ms": median_ms(t_torch), "onnx_ms": median_ms(t_onnx),
                      "onnx_over_torch": ratio, "faster": "onnxruntime" if ratio < 1 else "torch",
-                     "provider": session.get_providers()[0], "max_abs_diff": diff})
+                     "provider": frozen.provider, "max_abs_diff": diff})
     return rows
 
 
@@ -299,6 +293,7 @@ def _grpc_sections(args, sections, device, n, bs, names) -> dict:
         model = load_model("demo", device)[0]  # the model the server serves, for the in-process side
         if "frozen" in sections:
             out["frozen"] = bench_frozen(server.target, model, device, (1, bs), n)
+            out["frozen"].append(bench_concurrent(server.target, model, device, requests=max(n, 10)))
         if "latency" in sections:
             out["latency"], out["latency_guarded"] = bench_latency(server.target, names, bs, n,
                                                                      guarded_target=guarded.target)

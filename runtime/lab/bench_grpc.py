@@ -136,6 +136,53 @@ def bench_frozen(target: str, model, device, batch_sizes=(1, 64), batches: int =
     return rows
 
 
+def bench_concurrent(target: str, model, device, clients: int = 8, requests: int = 40, rounds: int = 3) -> dict:
+    """Single images from `clients` concurrent clients (one stream each, one request at a time,
+    as a fleet of cameras sends them): the server's images/s over the in-process forward's at
+    batch 1, measured in turn, `rounds` times (median ratio). What dynamic batching is for."""
+    import threading
+
+    frozen = adapters.create("source", model)
+    xs = _pixels(requests, 1, (32, 32), seed=7)
+    endpoints = [Endpoint(target) for _ in range(clients)]
+
+    def in_process() -> float:
+        started = time.perf_counter()
+        for x in xs:
+            frozen.predict(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        return len(xs) / (time.perf_counter() - started)
+
+    def served() -> float:
+        errors: list[Exception] = []
+
+        def client(ep: Endpoint, i: int) -> None:
+            try:
+                for x in xs:
+                    ep.infer(x, f"bench-fleet-{i}")
+            except Exception as e:  # noqa: BLE001 - reported below, not swallowed
+                errors.append(e)
+        threads = [threading.Thread(target=client, args=(ep, i)) for i, ep in enumerate(endpoints)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise RuntimeError(f"a concurrent client failed: {errors[0]}")
+        return clients * len(xs) / (time.perf_counter() - started)
+
+    try:
+        served(), in_process()  # warm-up
+        pairs = [(served(), in_process()) for _ in range(rounds)]
+    finally:
+        for ep in endpoints:
+            ep.close()
+    ratios = [s / i for s, i in pairs]
+    return {"path": f"gRPC ModelInfer, {clients} clients", "batch": 1, "images_per_s": statistics.median(
+        [s for s, _ in pairs]), "in_process_images_per_s": statistics.median([i for _, i in pairs]),
+        "ratio": statistics.median(ratios)}
+
+
 def bench_latency(target: str, policies: list[str], batch: int = 64, requests: int = 20, warmup: int = 2,
                   guarded_target: str | None = None) -> tuple[list[dict], list[dict]]:
     """Reply latency per policy, sequential requests on one stream per policy. After each reply of
