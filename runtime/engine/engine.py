@@ -34,7 +34,7 @@ from runtime.coordination.ownership import HandoffTimeout, NoLease, Ownership
 from runtime.engine.batches import Batch, Batches, InferResult
 from runtime.engine.control import Control
 from runtime.engine.errors import EngineError, check_stream_id, shown
-from runtime.engine.jobs import STOP, Job, Jobs
+from runtime.engine.jobs import STOP, Job, Jobs, resolve_together
 from runtime.engine.policies import Policies
 from runtime.engine.table import StreamTable
 from runtime.guard import GuardConfig
@@ -256,8 +256,8 @@ class Engine:
                     for j in group:
                         self._run(j)
                 else:
-                    for j, (result, error) in zip(group, answers):
-                        j.resolve(result, None if error is None else _internal(error))
+                    resolve_together([(j, result, None if error is None else _internal(error))
+                                      for j, (result, error) in zip(group, answers)])
             if job.batch is not None:
                 self.jobs.ran((time.monotonic() - started) / (len(group) if group else 1))
             else:  # a control operation may have changed any stream: the memory budget counts them all again
