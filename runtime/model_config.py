@@ -45,6 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime import onnx_frozen
+from runtime.onnx_frozen import FrozenForward, TorchForward
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -96,7 +99,8 @@ class LoadedModel:
     tracked_streams: list[str]
     device: torch.device
     module: nn.Module | None = None  # what adapters wrap (eval mode, [0, 1] input)
-    frozen: Callable[[np.ndarray], np.ndarray] | None = None  # float32 NCHW [0,1] -> logits
+    # float32 NCHW [0, 1] -> logits; .run(x) adds the BN layers' input means, .bn_shift(...) the figure
+    frozen: FrozenForward | None = None
     prototypes: torch.Tensor | None = None
     fisher_data: torch.Tensor | None = None  # float32 NCHW [0, 1] source images for eata's Fisher
     source_path: str = ""
@@ -197,88 +201,13 @@ def file_fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
-def _onnx_forward(path: Path, device: torch.device):
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings about unused providers are noise here
-    session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-    input_name = session.get_inputs()[0].name
-
-    def forward(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
-    return forward
-
-
-def _torch_forward(module: nn.Module, device: torch.device):
-    def forward(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return module(torch.from_numpy(x).to(device)).float().cpu().numpy()
-    return forward
-
-
-def _export_to_onnx(module: nn.Module, probe: np.ndarray, device: torch.device):
-    """The module exported with torch.onnx (BatchNorm kept, any batch size) into a temporary
-    file, run by ONNX Runtime: the frozen forward of `source` streams."""
-    import tempfile
-    import warnings
-
-    folder = Path(tempfile.mkdtemp(prefix="tta-onnx-"))
-    with warnings.catch_warnings():  # the exporter's deprecation and constant-folding notes are noise here
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, torch.from_numpy(probe).to(device), str(folder / "model.onnx"), dynamo=False,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return _onnx_forward(folder / "model.onnx", device)
-
-
-def _faster(forwards: dict[str, Callable], x: np.ndarray, rounds: int = 5) -> tuple[str, dict[str, float]]:
-    """The name of the faster forward on x (median of `rounds`, called in turn), and each median in ms."""
-    import statistics
-    import time
-
-    times: dict[str, list[float]] = {name: [] for name in forwards}
-    for _ in range(rounds + 1):  # the first round warms up
-        for name, forward in forwards.items():
-            start = time.perf_counter()
-            forward(x)
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}
-    return min(medians, key=medians.get), medians
-
-
-def _onnx_backend(module: nn.Module, probe: np.ndarray, expected: np.ndarray, device: torch.device,
-                  backend: str) -> tuple[Callable | None, str]:
-    """ONNX Runtime for the frozen forward of a torch model: always (`onnx`), or where it measures
-    faster than torch on a batch of 32 (`auto`). Its logits must match torch's."""
-    try:
-        onnx_forward = _export_to_onnx(module, probe, device)
-        got = onnx_forward(probe)
-    except Exception as e:  # noqa: BLE001 - not every network exports; torch still serves it
-        if backend == "onnx":
-            raise ConfigError(f"--frozen-backend onnx: the model does not export to ONNX: {e}") from None
-        return None, f"source streams run on torch (ONNX export failed: {type(e).__name__})"
-    difference = float(np.abs(got - expected).max())
-    if difference > 1e-3 * max(1.0, float(np.abs(expected).max())):
-        raise ConfigError(f"the ONNX export of the model gives different logits (max |diff| {difference:.2e})")
-    if backend == "onnx":
-        return onnx_forward, "source streams run on ONNX Runtime (no BN-shift figure for them)"
-    batch = np.repeat(probe, 16, axis=0) + np.linspace(0, 0.1, 32, dtype=np.float32)[:, None, None, None]
-    winner, ms = _faster({"onnx": onnx_forward, "torch": _torch_forward(module, device)}, batch)
-    figures = f"ONNX Runtime {ms['onnx']:.1f} ms, torch {ms['torch']:.1f} ms per batch of 32"
-    if winner == "onnx":
-        return onnx_forward, f"source streams run on ONNX Runtime ({figures}; no BN-shift figure for them)"
-    return None, f"source streams run on torch ({figures})"
-
-
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          default_policy: str | None = None, tracked: list[str] | None = None,
          frozen_backend: str = "torch") -> LoadedModel:
     """Load a model config (a TOML file, or a directory holding model.toml, e.g. KServe's
-    /mnt/models); no path means the built-in demo model."""
+    /mnt/models); no path means the built-in demo model. frozen_backend: what runs the `source`
+    streams of a PyTorch model (runtime/onnx_frozen.py): torch (here the default; the adapter),
+    onnx (ONNX Runtime, or ConfigError where it is not exact) or auto (`tta serve`'s default)."""
     path = Path(path) if path else DEMO_CONFIG
     if path.is_dir():
         path = path / "model.toml"
@@ -310,8 +239,8 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
             m = m.eval()
         if mean is None:
             return m.to(device)
-        wrapped = Normalized(m, mean, std)  # in eval mode as its network: torch.onnx.export restores the
-        return (wrapped.eval() if set_eval else wrapped).to(device)  # wrapper's mode recursively
+        wrapped = Normalized(m, mean, std)  # in eval mode as its network (a wrapper left in training
+        return (wrapped.eval() if set_eval else wrapped).to(device)  # mode once leaked into the ONNX export)
 
     module, frozen, platform, notes, frozen_file = None, None, "", [], None
     if "factory" in mcfg:
@@ -341,22 +270,18 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         platform = "pytorch_torch"
     if "onnx" in mcfg:
         frozen_file = _resolve(base, mcfg["onnx"])
-        onnx_forward = _onnx_forward(frozen_file, device)
-        if mean is not None:
-            m = np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
-            s = np.asarray(std, np.float32).reshape(1, -1, 1, 1)
-            frozen = lambda x: onnx_forward((x - m) / s)  # noqa: E731
-        else:
-            frozen = onnx_forward
+        if not frozen_file.is_file():
+            raise ConfigError(f"[model] onnx file {frozen_file} does not exist")
+        frozen, note = onnx_frozen.onnx_file_forward(frozen_file, device, mean, std)
         platform = platform or "onnxruntime_onnx"
-        notes.append("source streams run on ONNX Runtime")
+        notes.append(note)
     for key, loader, plat in (("torchscript", lambda p: torch.jit.load(p, map_location="cpu"), "pytorch_libtorch"),
                               ("exported", lambda p: torch.export.load(p).module(), "pytorch_export")):
         if key in mcfg and frozen is None:
             p = _resolve(base, mcfg[key])
             if not p.is_file():
                 raise ConfigError(f"[model] {key} file {p} does not exist")
-            frozen = _torch_forward(wrap(loader(str(p)), set_eval=key == "torchscript"), device)
+            frozen = TorchForward(wrap(loader(str(p)), set_eval=key == "torchscript"), device)
             platform, frozen_file = platform or plat, p
     if module is None and frozen is None:
         raise ConfigError(f"{path}: [model] needs one of factory, torchscript, exported, onnx")
@@ -380,7 +305,9 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     if frozen_backend not in ("torch", "onnx", "auto"):
         raise ConfigError(f"frozen backend {frozen_backend!r}: choose torch, onnx or auto")
     if frozen is None and module is not None and frozen_backend != "torch":
-        frozen, note = _onnx_backend(module, probe, out, device, frozen_backend)
+        frozen, note, why = onnx_frozen.for_module(module, device, (channels, height, width), frozen_backend)
+        if why and frozen_backend == "onnx":
+            raise ConfigError(f"--frozen-backend onnx: ONNX Runtime does not serve the model exactly: {why}")
         notes.append(note)
     num_classes = int(out.shape[1])
     labels = _load_labels(base, ocfg) or [str(i) for i in range(num_classes)]

@@ -69,11 +69,12 @@ def add_arguments(p) -> None:
                                            f"that does not verify under it. Without a key files carry a SHA-256 "
                                            f"checksum only, so the state dir must be trusted (docs/OPERATIONS.md)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--frozen-backend", choices=("torch", "onnx", "auto"), default="torch",
-                   help="what runs unadapted `source` streams of a PyTorch model: torch, ONNX Runtime (the model "
-                        "exported at start, BN kept, logits checked against torch), or auto: ONNX Runtime when "
-                        "it measures faster at start. ONNX streams report no BN-shift drift figure "
-                        "(default: torch; a config's own onnx file is always used)")
+    p.add_argument("--frozen-backend", choices=("torch", "onnx", "auto"), default="auto",
+                   help="what runs unadapted `source` streams of a PyTorch model: auto (the default): ONNX Runtime "
+                        "where it is exact (the model exported at start with its BatchNorm layers, logits and BN "
+                        "input means checked against torch on probe batches), else torch, with one log line why; "
+                        "onnx: ONNX Runtime or refuse to start; torch: never ONNX Runtime. Both report the BN-shift "
+                        "drift figure. A config's own onnx file is always used")
     p.add_argument("--max-message-mb", type=float, default=64.0,
                    help="largest gRPC message accepted (grpcio's default is 4 MiB); larger: RESOURCE_EXHAUSTED")
     p.add_argument("--max-streams", type=int, default=1024, help="most streams kept; more: RESOURCE_EXHAUSTED")

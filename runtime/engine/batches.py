@@ -69,8 +69,9 @@ class Batches:
         verdict = ""
         try:
             early = stream.guarded.fallback_before_predict(len(batch.x)) if stream.guarded is not None else None
-            if stream.frozen:
-                logits, bn_shift = self.model.frozen(batch.x), None
+            if stream.frozen:  # logits and the BN layers' input means in one forward
+                logits, means = self.model.frozen.run(batch.x)
+                bn_shift = self.model.frozen.bn_shift(means)
             elif early is not None:  # a single image: the source answers, the adapter is not touched
                 logits, bn_shift, verdict = self._source_logits(batch.x, self._tensor(batch.x)), None, early.reason
                 stream.guard_outcome(early, self.metrics, self.model.num_classes)
@@ -174,9 +175,12 @@ class Batches:
         streams = [self.table.get(b.stream_id) for b in group]
         xs = [b.x for b in group]
         try:
-            if streams[0].frozen:
-                logits = np.split(self.model.frozen(np.concatenate(xs)), len(xs))
-                shifts = [None] * len(xs)
+            if streams[0].frozen:  # each stream's BN shift from its own rows' means
+                out, means = self.model.frozen.run(np.concatenate(xs))
+                ends = np.cumsum([len(x) for x in xs]).tolist()
+                rows = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends)]
+                logits = [out[r] for r in rows]
+                shifts = [self.model.frozen.bn_shift(means, r) for r in rows]
             else:
                 outs = predict_together([s.adapter for s in streams],
                                         [torch.from_numpy(x).to(self.model.device) for x in xs])

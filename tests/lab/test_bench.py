@@ -33,6 +33,9 @@ def test_quick_bench_reports_every_section():
         assert _positive(r["ratio"]) and _positive(r["images_per_s"])
         assert abs(r["images_per_s"] - r["batch"] / (r["ms_per_batch"] / 1e3)) < 1e-6 * r["images_per_s"]
         assert r["max_abs_diff_vs_in_process"] < 1e-4  # the server answers with the same model
+    [fleet] = report["frozen_concurrent"]  # single images from 8 clients at once: what dynamic batching serves
+    assert fleet["batch"] == 1 and _positive(fleet["images_per_s"]) and _positive(fleet["in_process_images_per_s"])
+    assert abs(fleet["ratio"] - fleet["images_per_s"] / fleet["in_process_images_per_s"]) < 0.5 * fleet["ratio"]
 
     latency = {r["policy"]: r for r in report["latency"]}
     assert list(latency) == quick and latency["source"]["p50_ratio"] == 1.0
