@@ -164,8 +164,8 @@ class Batches:
         stream = self.table.peek(batch.stream_id)
         if batch.start or batch.end or stream is None or not stream.resident or stream.pending:
             return None
-        if stream.frozen:
-            return "frozen", batch.x.shape
+        if stream.frozen:  # one forward over stacked rows: batch sizes may differ
+            return "frozen", batch.x.shape[1:]
         return batch_key(stream.adapter, torch.from_numpy(batch.x))
 
     def predict_group(self, group: list[Batch]) -> list[tuple[InferResult | None, Exception | None]] | None:

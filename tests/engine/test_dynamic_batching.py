@@ -145,3 +145,20 @@ def test_group_wait_decides_from_measured_arrivals_and_gain():
     assert tries.count(True) == 1  # one probe, then it waits again only if that brings someone
     wait.waited(3)
     assert wait.worth_it(0.0005)
+
+
+def test_frozen_batches_of_different_sizes_share_a_forward(tiny_onnx):
+    xs = [images(1, size=n, seed=n)[0] for n in (1, 3, 2, 5)]
+
+    async def scenario(engine):
+        for i in range(4):
+            await engine.set_policy(f"m{i}", "source", {})
+        results = await behind_a_busy_job(engine, lambda: [engine.enqueue_infer(f"m{i}", x) for i, x in enumerate(xs)])
+        return results, grouped(engine)
+
+    results, counts = run_engine(tiny_onnx, scenario)
+    assert counts == (4, 1)
+    for r, x in zip(results, xs):
+        assert r.logits.shape == (len(x), 10)
+        np.testing.assert_allclose(r.logits, tiny_onnx.frozen(x), rtol=1e-5, atol=1e-5)
+        assert r.bn_shift == pytest.approx(tiny_onnx.frozen.bn_shift(tiny_onnx.frozen.run(x)[1]), rel=1e-5)
