@@ -104,6 +104,43 @@ def test_label_sorted_batches_fall_back_when_the_source_is_sure():
     assert guard.figures["adapted_confidence"] > guard.figures["source_confidence"]
 
 
+def unsure(labels, margin=2.5):
+    """Logits leaning to the given classes, unsure of them (confidence ~0.57: noise- or fog-like)."""
+    return confident(labels, margin=margin)
+
+
+def test_a_label_sorted_stream_falls_back_even_when_the_source_is_unsure():
+    # runs of one class, 64 images each; the source leans to the right class but is unsure, and the
+    # adapted model is surer (noise-like: the batch test's confidence gate lets these through)
+    guard = StreamGuard()
+    verdicts = []
+    for b in range(24):
+        labels = np.full(64, b % C)
+        verdicts.append(guard.observe(confident(labels, margin=4.0), unsure(labels)))
+    assert guard.figures["source_confidence"] < 0.7 < guard.figures["adapted_confidence"]
+    assert verdicts[:7] == [None] * 7  # half the window first: a few batches are no stream
+    assert verdicts[8:] == ["label_shift"] * 16 and guard.figures["label_kl_median"] > 0.3
+    # the same without the stream-level test: the batch test alone lets every batch through
+    alone = StreamGuard(GuardConfig(label_runs=0))
+    assert all(alone.observe(confident(np.full(64, b % C), margin=4.0), unsure(np.full(64, b % C))) is None
+               for b in range(24))
+
+
+def test_an_iid_stream_whose_source_turns_biased_is_not_label_correlated():
+    # a domain change at batch 20: the source then piles onto classes 0-1 on an i.i.d. stream (the
+    # adapted model keeps spreading); the long run follows, and the median over 16 batches ignores
+    # the few batches that are still far from it
+    guard = StreamGuard()
+    verdicts = []
+    for b in range(60):
+        labels = RNG.integers(0, C, 64)
+        source = unsure(labels) if b < 20 else unsure(RNG.integers(0, 2, 64))
+        verdicts.append(guard.observe(confident(labels, margin=3.0), source))
+    assert verdicts[:20] == [None] * 20
+    assert verdicts.count("label_shift") <= 4  # at most a few batches right after the change
+    assert verdicts[40:] == [None] * 20
+
+
 def test_small_batches_fall_back_and_off_observes_nothing():
     guard = StreamGuard(GuardConfig(min_batch=16))
     assert guard.observe(iid(1), iid(1)) == "small_batch" and guard.action("small_batch") == FALLBACK
