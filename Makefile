@@ -10,8 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 
 # Debian packages the tests use: the Fashion-MNIST data, a real Prometheus (promtool and the
 # server, for the monitoring tests), Chromium (to render the console dashboards headless), and
-# etcd and nginx (several replicas behind a stream-affine router, tests/deploy/test_replicas.py).
-SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium etcd-server nginx
+# etcd and nginx (several replicas behind a stream-affine router, tests/deploy/test_replicas.py),
+# and curl (the REST front as a person calls it, tests/serving/test_rest.py).
+SYSTEM_PACKAGES := dataset-fashion-mnist prometheus chromium etcd-server nginx curl
 
 .PHONY: install system-deps demo serve lint test bench clean
 

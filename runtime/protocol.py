@@ -16,13 +16,15 @@ DEFAULT_STREAM = "default"           # the stream of a request that names none
 CONTROL_TOKEN_ENV = "TTA_CONTROL_TOKEN"
 INFERENCE_TOKEN_ENV = "TTA_INFERENCE_TOKEN"
 
-# `tta serve` prints one line when it is ready; ports may have been chosen by the OS
-READY_LINE = re.compile(r"ready on (\S+):(\d+) metrics (-?\d+)")
+# `tta serve` prints one line when it is ready; ports may have been chosen by the OS. Groups:
+# 1 host, 2 gRPC port, 3 metrics port (-1: off), 4 REST/HTTP port (-1: off; None from servers
+# older than the REST front, whose lines end after the metrics port)
+READY_LINE = re.compile(r"ready on (\S+):(\d+) metrics (-?\d+)(?: http (-?\d+))?")
 
 
-def ready_line(model: str, host: str, port: int, metrics_port: int, note: str) -> str:
+def ready_line(model: str, host: str, port: int, metrics_port: int, note: str, http_port: int = -1) -> str:
     """The line READY_LINE matches (host already bracketed for IPv6)."""
-    return f"tta serve: model {model!r} ready on {host}:{port} metrics {metrics_port} ({note})"
+    return f"tta serve: model {model!r} ready on {host}:{port} metrics {metrics_port} http {http_port} ({note})"
 
 
 def bearer_headers(token: str | None) -> dict[str, str] | None:

@@ -5,9 +5,12 @@ Services on one port (default 8001, as Triton):
   tta.v1.AdaptationService         policies, streams, reset, snapshot, rollback, feedback
   grpc.health.v1.Health            SERVING once the model is loaded and warmed up
   grpc.reflection.v1alpha          so grpcurl can list and describe the services
-Prometheus metrics over HTTP on --metrics-port (default 8002).
+The same Open Inference Protocol over REST (KServe v2 HTTP/JSON, Triton's binary tensors; curl and
+tritonclient.http work) on --http-port (default 8000), same engine, TLS and tokens
+(runtime/serving/rest.py). Prometheus metrics over HTTP on --metrics-port (default 8002).
 
-SIGTERM / SIGINT: health NOT_SERVING and ServerReady false, new inference answered UNAVAILABLE,
+SIGTERM / SIGINT: health NOT_SERVING and ServerReady (and /v2/health/ready) false, new inference
+answered UNAVAILABLE (HTTP 503),
 in-flight RPCs get --grace seconds, pending updates are applied, stream state is checkpointed
 to --state-dir, then the process exits 0 (1 when some streams could not be saved; the log names
 them). Health service "tta.state" is NOT_SERVING while writes to the state dir fail.
@@ -38,6 +41,7 @@ from runtime.protocol import CONTROL_TOKEN_ENV, INFERENCE_TOKEN_ENV, ready_line
 from runtime.serving import security
 from runtime.serving.control import AdaptationService
 from runtime.serving.inference import InferenceService
+from runtime.serving.rest import RestApp, RestServer, tls_context
 from runtime.serving.wire import add_servicer, pb_grpc, tta_grpc
 
 log = logging.getLogger("tta.serve")
@@ -49,7 +53,8 @@ EXAMPLES = """examples:
   tta serve                                   # the built-in demo model on 127.0.0.1:8001, metrics :8002
   tta serve --model my_model.toml --host 0.0.0.0 --state-dir /var/lib/tta
   tta serve --policy bn-ema --track cam-1 --track cam-2
-  tta serve --port 0 --metrics-port 0         # free ports, printed on the ready line
+  tta serve --port 0 --metrics-port 0 --http-port 0   # free ports, printed on the ready line
+  tta serve --http-port -1                    # gRPC only, no REST front
 """
 
 
@@ -58,6 +63,9 @@ def add_arguments(p) -> None:
                                    "(default: the built-in demo model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8001, help="gRPC port (0: a free port)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="REST/HTTP port of the Open Inference Protocol (KServe v2 REST, Triton's binary tensors), "
+                        "with the same TLS and tokens as gRPC (0: a free port, -1: off; default: 8000)")
     p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus /metrics port (0: a free port, -1: off)")
     p.add_argument("--policy", help="default policy of new streams (default: the model config's)")
     p.add_argument("--track", action="append", default=[], metavar="STREAM",
@@ -269,6 +277,20 @@ async def serve(args) -> int:
             engine.close()
             return 1
 
+    rest, http_port = None, -1
+    if args.http_port >= 0:  # the REST front: same engine, tokens, TLS and message limit
+        rest = RestServer(RestApp(inference, auth[0] if auth else None, max_bytes))
+        try:
+            http_port = await rest.start(args.host, args.http_port,
+                                         tls_context(args.tls_cert, args.tls_key, args.tls_client_ca))
+        except OSError as e:  # ssl.SSLError too
+            log.error("cannot serve REST on %s:%d (%s); choose another --http-port or -1", args.host,
+                      args.http_port, e)
+            if metrics_http is not None:
+                metrics_http.shutdown()
+            engine.close()
+            return 1
+
     await server.start()
     for name in ["", *services]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -284,7 +306,7 @@ async def serve(args) -> int:
     policy_note = f"default policy {model.default_policy}" + (f"; {'; '.join(model.notes)}" if model.notes else "")
     # One parseable line for scripts and tests (ports may have been chosen by the OS).
     tls_note = "; TLS" + (" with client certificates" if args.tls_client_ca else "") if args.tls_cert else ""
-    print(ready_line(model.name, host, port, metrics_port, policy_note + tls_note), flush=True)
+    print(ready_line(model.name, host, port, metrics_port, policy_note + tls_note, http_port), flush=True)
 
     watcher = asyncio.create_task(_watch_durability(engine, health_servicer))
     await stop.wait()
@@ -301,7 +323,8 @@ async def serve(args) -> int:
     # UNAVAILABLE, which clients retry, instead of gRPC's CANCELLED), then close it.
     started = time.monotonic()
     await engine.wait_idle(args.grace)
-    await server.stop(max(args.grace - (time.monotonic() - started), 1.0))
+    left = max(args.grace - (time.monotonic() - started), 1.0)
+    await asyncio.gather(server.stop(left), rest.stop(left) if rest else asyncio.sleep(0))  # REST closes with gRPC
     saved, failed = await engine.drain_and_checkpoint()
     if engine.persistent:
         log.info("checkpointed %d streams to %s", saved, engine.store.root)

@@ -74,11 +74,12 @@ def run_engine(model, scenario, **engine_args):
 class ServerProcess(LocalServer):
     """`python -m runtime.server` on free loopback ports (runtime.demo.launcher), with the tests'
     environment (one OpenMP thread, no progress bars), from the repository root; stop() sends
-    SIGTERM and returns the exit code."""
+    SIGTERM and returns the exit code. The REST front listens on a free port too (`http_port`,
+    read from the ready line; pass http_port=-1 for none)."""
 
-    def __init__(self, *args: str, timeout: float = 60.0, port: int = 0):
+    def __init__(self, *args: str, timeout: float = 60.0, port: int = 0, http_port: int = 0):
         super().__init__(*args, env={"OMP_NUM_THREADS": "1", "TTA_NO_PROGRESS": "1"}, cwd=REPO, timeout=timeout,
-                         port=port)
+                         port=port, http_port=http_port)
 
 
 @pytest.fixture(scope="session")

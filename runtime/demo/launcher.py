@@ -21,15 +21,18 @@ class ServerNotReady(RuntimeError):
 
 
 class LocalServer:
-    """`python -m runtime.server --port PORT --metrics-port METRICS_PORT *args`, ready on return.
+    """`python -m runtime.server --port PORT --metrics-port METRICS_PORT --http-port HTTP_PORT *args`,
+    ready on return (a later `--http-port` in args wins).
 
-    host, port, metrics_port and target ("host:port") are what the ready line says; stdout and
-    stderr are drained by threads, so a chatty server never blocks on a full pipe."""
+    host, port, metrics_port, http_port (the REST front; -1: off) and target ("host:port") are
+    what the ready line says; stdout and stderr are drained by threads, so a chatty server never
+    blocks on a full pipe."""
 
-    def __init__(self, *args: str, port: int = 0, metrics_port: int = 0, env: dict[str, str] | None = None,
-                 cwd=None, timeout: float = 120.0):
+    def __init__(self, *args: str, port: int = 0, metrics_port: int = 0, http_port: int = 0,
+                 env: dict[str, str] | None = None, cwd=None, timeout: float = 120.0):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "runtime.server", "--port", str(port), "--metrics-port", str(metrics_port), *args],
+            [sys.executable, "-m", "runtime.server", "--port", str(port), "--metrics-port", str(metrics_port),
+             "--http-port", str(http_port), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
         self.signalled = False
@@ -47,6 +50,7 @@ class LocalServer:
             raise
         self.host, self.port, self.metrics_port = (self._ready.group(1), int(self._ready.group(2)),
                                                    int(self._ready.group(3)))
+        self.http_port = int(self._ready.group(4)) if self._ready.group(4) is not None else -1
         self.target = f"{self.host}:{self.port}"
 
     def _drain_stdout(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 from runtime.engine import Engine, EngineError
 from runtime.model_config import LoadedModel
@@ -90,23 +91,33 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference ----------------------------------------------------------------------
     async def _submit(self, request, context) -> tuple[wire.InferCall, asyncio.Future]:
-        """Parse and decode a request and queue it in the engine: (the call, its future)."""
-        call = wire.parse_infer(request, context.invocation_metadata(), self.model)
+        return await self.submit(request, context.invocation_metadata(), context.time_remaining)
+
+    async def submit(self, request, metadata, time_remaining: Callable[[], float | None] = lambda: None,
+                     ) -> tuple[wire.InferCall, asyncio.Future]:
+        """Parse and decode a ModelInferRequest and queue it in the engine: (the call, its future).
+        `metadata`: (key, value) pairs (gRPC metadata, or the REST front's headers); `time_remaining`:
+        seconds to the client's deadline, None for none. Both transports come through here."""
+        call = wire.parse_infer(request, metadata, self.model)
         if call.decodes_images:  # image decoding and resizing: off the event loop, within the decode budget
             with self.decodes.hold(request):
                 x = await asyncio.get_running_loop().run_in_executor(
                     None, wire.decode_input, request, self.model, self.max_batch)
         else:
             x = wire.decode_input(request, self.model, self.max_batch)
-        remaining = context.time_remaining()  # the client's deadline: past it, the batch is not run
+        remaining = time_remaining()  # the client's deadline: past it, the batch is not run
         deadline = time.monotonic() + remaining if remaining is not None else None
         await self.engine.claim(call.stream_id, deadline)  # replicas: held here, or handed over first
         return call, self.engine.enqueue_infer(call.stream_id, x, call.request_id, call.start, call.end, deadline)
 
+    async def infer(self, request, metadata, time_remaining: Callable[[], float | None] = lambda: None):
+        """One ModelInferRequest to its ModelInferResponse (EngineError / InputError if refused)."""
+        call, future = await self.submit(request, metadata, time_remaining)
+        return wire.infer_response(await future, call.outputs, self.model)
+
     @unary("ModelInfer", inference=True)
     async def ModelInfer(self, request, context):
-        call, future = await self._submit(request, context)
-        return wire.infer_response(await future, call.outputs, self.model)
+        return await self.infer(request, context.invocation_metadata(), context.time_remaining)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """One reply per request, in order; a bad request gets error_message and the stream goes on

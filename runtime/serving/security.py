@@ -52,22 +52,31 @@ class BearerAuth(grpc.aio.ServerInterceptor):
             return (self.inference,), "inference", triton
         return None
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        required = self._required(details.method)
-        if required is None or handler is None:
-            return handler
+    def refusal(self, method: str, given: str | None) -> tuple[grpc.StatusCode, str] | None:
+        """Why a call of `method` ("/package.Service/Rpc") with authorization value `given` (None:
+        absent) is refused, or None when it may go on. The REST front asks this too, naming the
+        RPC each of its routes stands for."""
+        required = self._required(method)
+        if required is None:
+            return None
         expected, which, how = required
-        given = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), None)
         scheme, _, token = str(given or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
-                           f"{'missing' if given is None else 'malformed'} authorization: this RPC needs metadata "
-                           f"'authorization: Bearer <{which} token>' ({how})")
+            return (grpc.StatusCode.UNAUTHENTICATED,
+                    f"{'missing' if given is None else 'malformed'} authorization: this RPC needs metadata "
+                    f"'authorization: Bearer <{which} token>' ({how})")
         given_token = token.strip().encode()
         if not any([hmac.compare_digest(given_token, t) for t in expected]):  # a list: compare with every one
-            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, f"wrong {which} token")
-        return handler
+            return grpc.StatusCode.PERMISSION_DENIED, f"wrong {which} token"
+        return None
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        given = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), None)
+        refused = self.refusal(details.method, given)
+        return handler if refused is None else _denied(handler, *refused)
 
 
 def _denied(handler, code: grpc.StatusCode, message: str):

@@ -70,10 +70,11 @@ def test_dockerfile_instructions(path):
 
     assert one("USER").split(":")[0] not in ("root", "0")
     assert "runtime.healthcheck" in one("HEALTHCHECK")
-    assert set(one("EXPOSE").split()) == {"8001", "8002"}
+    assert set(one("EXPOSE").split()) == {"8000", "8001", "8002"}  # REST, gRPC, metrics: Triton's layout
     assert one("STOPSIGNAL") == "SIGTERM"
     assert "/var/lib/tta/state" in one("VOLUME")
     entry = yaml.safe_load(one("ENTRYPOINT"))  # exec form is a JSON list
+    assert entry[entry.index("--http-port") + 1] == "8000" and entry[entry.index("--port") + 1] == "8001"
     assert entry[:2] == ["tta", "serve"] and entry[entry.index("--host") + 1] == "0.0.0.0"
     assert entry[entry.index("--state-dir") + 1] == "/var/lib/tta/state"
     assert set(flags_in(entry)) <= server_flags()
@@ -151,6 +152,8 @@ def test_helm_defaults_render_and_validate():
     ports = {p["name"]: p for p in kinds["Service"][0]["spec"]["ports"]}
     assert ports["grpc"]["port"] == 8001 and ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
     assert ports["metrics"]["port"] == 8002
+    assert ports["http"]["port"] == 8000 and ports["http"]["targetPort"] == "http"
+    assert {"name": "http", "containerPort": 8000, "protocol": "TCP"} in c["ports"]
     selector = kinds["Service"][0]["spec"]["selector"]
     assert selector.items() <= kinds["Deployment"][0]["spec"]["template"]["metadata"]["labels"].items()
 

@@ -60,7 +60,7 @@ containers:
     image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
     {{- end }}
     imagePullPolicy: {{ .Values.image.pullPolicy }}
-    # appended to the image's ENTRYPOINT: tta serve --host 0.0.0.0 --port 8001
+    # appended to the image's ENTRYPOINT: tta serve --host 0.0.0.0 --http-port 8000 --port 8001
     # --metrics-port 8002 --state-dir /var/lib/tta/state
     args:
       - --grace
@@ -135,6 +135,9 @@ containers:
             fieldPath: metadata.namespace
     {{- end }}
     ports:
+      - name: http
+        containerPort: 8000
+        protocol: TCP
       - name: grpc
         containerPort: 8001
         protocol: TCP
