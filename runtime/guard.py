@@ -130,7 +130,7 @@ def is_guarded(adapter, config: GuardConfig) -> bool:
 @dataclass
 class Outcome:
     """What the guard made of one batch: the logits to answer it with and what was done."""
-    reply: np.ndarray   # the adapted logits, or the source's (fallback, or non-finite adapted logits)
+    reply: np.ndarray   # the adapted logits, or the source's (any verdict, where source logits were given)
     reason: str = ""    # the verdict (REASONS), "" when the batch passed every check
     action: str = ""    # "", "fallback", "rollback" or "reset"
     rolled_back_to: int = 0  # the adapter's step after a rollback
@@ -210,7 +210,10 @@ class Guarded:
             self.good_state = None
         self.guard.after_action()
         self.learned(adapter)
-        return Outcome(source_logits if reason == "non_finite" else logits, reason, action, step, self._escalate())
+        # the batch itself is answered by the source: its adapted prediction came from the state just
+        # judged unhealthy (and an adapter without state, LAME, would give the same again)
+        return Outcome(source_logits if source_logits is not None else logits, reason, action, step,
+                       self._escalate())
 
     def _escalate(self) -> bool:
         """Escalation: pin_after rollbacks/resets within the last pin_window batches (the stream

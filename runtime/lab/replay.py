@@ -181,18 +181,25 @@ class _GuardedRun:
         adapter.observe_bn_inputs(self.probe)
         self.loss: float | None = None
         self.actions = {"fallback": 0, "rollback": 0, "reset": 0}
+        self.pinned_batches = 0  # answered by the source while pinned (no verdict of their own)
         self.max_weight_distance = 0.0
+        self.pinned = False  # escalation, as the server's: the source answers until the next reset
 
     def reset(self) -> None:
-        """The benchmark reset the adapter (a new block): a new stream for the guard too."""
+        """The benchmark reset the adapter (a new block): a new stream for the guard too (and, as
+        an operator's reset in the server, the end of a pin)."""
         self.guarded.after_reset()
         self.guarded.guard.reset()
         self.loss = None
+        self.pinned = False
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         a = self.adapter
         with torch.no_grad():  # the frozen forward the guard's source-level tests need
             source_logits = self.model(x).float().cpu().numpy()
+        if self.pinned:  # the server's safe policy by default: the frozen model
+            self.pinned_batches += 1
+            return torch.from_numpy(source_logits)
         self.guarded.before_predict(a)
         logits = a.predict(x).detach().float().cpu().numpy()
         self.max_weight_distance = max(self.max_weight_distance, self.guarded.weight_distance)  # as judged
@@ -204,10 +211,12 @@ class _GuardedRun:
             self.actions[outcome.action] += 1  # a rollback without a good state is a reset
             if outcome.action != guarding.FALLBACK:
                 self.loss = None
+            self.pinned = outcome.pin
         return torch.from_numpy(outcome.reply)
 
     def summary(self) -> dict:
         return {"verdicts": {r: c for r, c in self.guarded.guard.counts.items() if c}, "actions": self.actions,
+                "pinned_batches": self.pinned_batches,
                 "max_weight_distance": round(self.max_weight_distance, 4)}
 
 

@@ -115,3 +115,31 @@ def test_pinning_off_keeps_resetting(tiny):
 
     info = run_engine(tiny, scenario, guard=GuardConfig(action="reset", patience=2, pin_after=0))
     assert info["policy"] == "tent" and info["pinned_from"] == "" and info["guard_trips"] >= 2
+
+
+class Spread(torch.nn.Module):
+    """A 'source' whose predictions spread over the 10 classes (the collapse test's reference)."""
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.arange(len(x)) % 10, 10).float() * 5.0
+
+
+def test_a_collapsing_stateless_adapter_is_answered_by_the_source_then_pinned_in_replay(tiny):
+    """An adapter whose output collapses while it holds no state (LAME-like: a reset changes
+    nothing): each verdict's batch is answered by the source, and after pin_after trips replay
+    pins the stream to the source as the server does, until the benchmark resets it."""
+    from runtime.lab.replay import _GuardedRun
+
+    lame = adapters.create("lame", tiny.module)
+    lame.predict = lambda x: torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10).float() * 9.0
+    run = _GuardedRun(lame, Spread(), GuardConfig(patience=2, pin_after=2))
+    xs = [torch.from_numpy(batch(s, size=16)) for s in range(12)]
+    replies = [run.step(x) for x in xs]
+    summary = run.summary()
+    assert summary["verdicts"] == {"marginal_collapse": 2} and summary["actions"]["reset"] == 2
+    for i, (x, reply) in enumerate(zip(xs, replies)):
+        expect_source = i in (1, 3) or i >= 4  # the two verdict batches (patience 2), then pinned
+        torch.testing.assert_close(reply, Spread()(x) if expect_source else lame.predict(x))
+    assert summary["pinned_batches"] == 8
+    run.reset()  # a new block: the pin ends with it
+    torch.testing.assert_close(run.step(xs[0]), lame.predict(xs[0]))
