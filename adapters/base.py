@@ -210,9 +210,10 @@ class Adapter:
     def pending_bytes(self) -> int:
         """Bytes the owed update holds in memory beyond the adapter's state until learn() or
         discard(): the tensors the autograd graph of the last predicted batch saved for backward
-        (activations), plus those a deferred loss keeps, measured when the batch was predicted
-        (each storage once; weights excluded, they are state_bytes()). 0 when no update is owed,
-        and always 0 for adapters that keep no graph (the normalisation adapters)."""
+        (activations), plus those a deferred loss keeps (each storage once; weights excluded, they
+        are state_bytes()), measured at the first batch of each shape, whose graph the later ones
+        repeat. 0 when no update is owed, and always 0 for adapters that keep no graph (the
+        normalisation adapters)."""
         return self._pending_bytes if self._pending else 0
 
     def _count_prediction(self) -> None:

@@ -29,11 +29,22 @@ class AlphaBatchNorm2d(NormLayer):
         if n < 2:
             raise ValueError("alpha-BN needs at least 2 values per channel (batch × height × width)")
         with torch.no_grad():  # the reference's batch statistics are BN buffers: no gradient
-            batch_mean = x.mean(dim=(0, 2, 3))
-            batch_var = x.var(dim=(0, 2, 3), unbiased=True)
+            batch_mean, batch_var = unbiased_batch_statistics(x)
         mean = (1 - self.alpha) * self.source_mean + self.alpha * batch_mean
         var = (1 - self.alpha) * self.source_var + self.alpha * batch_var
         return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def unbiased_batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and unbiased variance of x (N, C, ...), computed as the reference
+    gets them, bit for bit: the running statistics of a momentum-1.0 BN after one train-mode
+    pass (r ← 1·stat + 0·r). ATen's statistics pass alone, without the normalised output, and
+    several times faster on the CPU than x.mean plus x.var."""
+    c = x.shape[1]
+    mean = torch.zeros(c, device=x.device, dtype=x.dtype)
+    var = torch.ones(c, device=x.device, dtype=x.dtype)
+    torch.batch_norm_update_stats(x, mean, var, 1.0)
+    return mean, var
 
 
 def convert_to_alpha_bn(net: nn.Module, alpha: float = 0.1) -> nn.Module:

@@ -70,15 +70,29 @@ class GradientAdapter(Adapter):
         """Record the networks whose state is per-stream, and the initial state for reset()."""
         self.networks = networks
         self._weights_at: set[int] | None = None  # storages of all weights, found at the first prediction
+        self._graph_bytes: dict[tuple, int] = {}  # input (shape, dtype, device) -> bytes its graph holds
         self._initial = self._state()
         self._remember_generator()
 
     def _predict(self, x):
-        saved = _SavedTensors()
-        with saved, torch.enable_grad():
-            prediction, loss = self._forward_loss(x)
+        # What the graph saves depends on the batch's shape (the filtered subsets of sar, eata and
+        # deyo change it by a few index tensors at most): measured at the first batch of each
+        # shape, by hooks that cost a Python call per saved tensor, and reused after that.
+        key = (tuple(x.shape), x.dtype, x.device)
+        held = self._graph_bytes.get(key)
+        if held is None:
+            saved = _SavedTensors()
+            with saved, torch.enable_grad():
+                prediction, loss = self._forward_loss(x)
+            held = saved.bytes_held(loss, exclude=self._weight_storages())
+            if len(self._graph_bytes) >= 64:
+                self._graph_bytes.pop(next(iter(self._graph_bytes)))
+            self._graph_bytes[key] = held
+        else:
+            with torch.enable_grad():
+                prediction, loss = self._forward_loss(x)
         self._loss = loss
-        self._pending_bytes = saved.bytes_held(loss, exclude=self._weight_storages())
+        self._pending_bytes = held
         return prediction
 
     def _weight_storages(self) -> set[int]:

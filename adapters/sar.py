@@ -99,8 +99,7 @@ class SAR(GradientAdapter):
                 self.ema = value if self.ema is None else 0.9 * self.ema + (1 - 0.9) * value
             second.backward()
         with torch.no_grad():
-            for p, old in zip(params, saved):
-                p.copy_(old)  # back to θ; the SGD step uses the gradient taken at θ + ε
+            torch._foreach_copy_(params, saved)  # back to θ; the SGD step uses the gradient taken at θ + ε
         self.optimizer.step()
         self.optimizer.zero_grad()
         # a batch without reliable samples has a NaN mean (and zero gradients): no loss to report, which
@@ -115,13 +114,13 @@ class SAR(GradientAdapter):
     @torch.no_grad()
     def _ascend(self, params, rho):
         """SAM's first step: θ ← θ + rho·g/(‖g‖ + 1e-12); returns the θ to come back to."""
-        grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.norm(torch.stack([g.norm(p=2) for g in grads]), p=2)
+        stepped = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in stepped]
+        norm = torch.norm(torch.stack(torch._foreach_norm(grads, 2)), p=2)  # fused over the list, same numbers
         scale = rho / (norm + 1e-12)
-        saved = [p.detach().clone() for p in params]
-        for p in params:
-            if p.grad is not None:
-                p.add_(p.grad * scale.to(p))
+        saved = torch._foreach_mul(params, 1.0)  # copies of θ
+        if stepped:
+            torch._foreach_add_(stepped, torch._foreach_mul(grads, scale))
         self.optimizer.zero_grad()
         return saved
 

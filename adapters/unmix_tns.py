@@ -66,22 +66,75 @@ class _UnMixTNSBase(NormLayer):
 
 class UnMixTNS2d(_UnMixTNSBase):
     def forward(self, x):
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
+            return self._forward_reference(x)
+        return self._forward_fused(x)
+
+    def _forward_reference(self, x):
+        """The reference's arithmetic, op for op; used whenever autograd records (UnMix-TNS
+        under a gradient method): gradients flow through the instance statistics."""
         b, c = x.shape[:2]
         inst_mean = x.mean(dim=(2, 3))  # (B, C); not detached: gradients flow when stacked under TENT/CoTTA
         inst_var = x.var(dim=(2, 3), unbiased=False)
-        with torch.no_grad():
-            sim = F.normalize(inst_mean, dim=1) @ F.normalize(self.component_means, dim=1).t()  # (B, K)
-            p = torch.softmax(sim / self.temperature, dim=1).unsqueeze(-1)  # (B, K, 1)
+        p = self._assignments(inst_mean).unsqueeze(-1)  # (B, K, 1)
         mean_mix = (1.0 - p) * self.component_means.unsqueeze(0) + p * inst_mean.unsqueeze(1)  # (B, K, C)
         var_mix = (1.0 - p) * self.component_vars.unsqueeze(0) + p * inst_var.unsqueeze(1)
         mean = mean_mix.mean(dim=1)
         var = var_mix.mean(dim=1) + (mean_mix ** 2).mean(dim=1) - mean ** 2
         with torch.no_grad():  # move the components AFTER this batch's statistics were formed
-            lam = 1 - (1 - self.momentum) ** ((self.batch_size or b) / self.batch_size_max)
+            lam = self._lambda(b)
             self.component_means += lam * (p * (inst_mean.unsqueeze(1) - self.component_means.unsqueeze(0))).mean(0)
             self.component_vars += lam * (p * (inst_var.unsqueeze(1) - self.component_vars.unsqueeze(0))).mean(0)
         y = (x - mean.view(b, c, 1, 1)) / torch.sqrt(var.view(b, c, 1, 1) + self.eps)
         return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def _forward_fused(self, x):
+        """The same function without autograd, in fewer passes (same results to float rounding:
+        tests/adapters/test_adapters_rules.py): instance statistics from one mean and one norm
+        of the centred values (torch's var is a slow Welford pass on the CPU); the (B, K, C)
+        mixtures and the component update contracted over K and B as matrix products; the
+        output as one eval-mode batch norm over the (B·C) instance channels."""
+        b, c = x.shape[:2]
+        flat = x.reshape(b * c, -1)
+        inst_mean = flat.mean(dim=1)
+        inst_var = torch.linalg.vector_norm(flat - inst_mean.unsqueeze(1), dim=1).square_().div_(flat.shape[1])
+        inst_mean, inst_var = inst_mean.view(b, c), inst_var.view(b, c)
+        p = self._assignments(inst_mean)
+        mean, var = mixture_statistics(p, self.component_means, self.component_vars, inst_mean, inst_var)
+        self._move_components(p, inst_mean, inst_var, self._lambda(b))  # after this batch's statistics
+        y = F.batch_norm(x.reshape(1, b * c, *x.shape[2:]), mean.reshape(-1), var.reshape(-1),
+                         self.weight.repeat(b), self.bias.repeat(b), False, 0.0, self.eps)
+        return y.view(x.shape)
+
+    @torch.no_grad()
+    def _assignments(self, inst_mean):
+        sim = F.normalize(inst_mean, dim=1) @ F.normalize(self.component_means, dim=1).t()  # (B, K)
+        return torch.softmax(sim / self.temperature, dim=1)
+
+    def _lambda(self, b: int) -> float:
+        return 1 - (1 - self.momentum) ** ((self.batch_size or b) / self.batch_size_max)
+
+    def _move_components(self, p, inst_mean, inst_var, lam):
+        """M ← M + λ·mean_b p[b, k]·(m_b − M_k), as (λ/B)·(pᵀm − (Σ_b p[b, k])·M_k); V alike."""
+        weight = p.sum(0).unsqueeze(1)  # (K, 1)
+        scale = lam / p.shape[0]
+        for components, stats in ((self.component_means, inst_mean), (self.component_vars, inst_var)):
+            components.add_(torch.addmm(components * -weight, p.t(), stats), alpha=scale)
+
+
+def mixture_statistics(p, means, variances, inst_mean, inst_var):
+    """Step 4 of UnMix-TNS contracted over K: with q = 1 − p and μ̂[b, k] = q·M_k + p·m_b,
+    mean_k μ̂ = (q M + (Σ_k p)·m)/K, mean_k v̂ = (q V + (Σ_k p)·v)/K and
+    mean_k μ̂² = (q² M² + 2·m·((q p) M) + (Σ_k p²)·m²)/K; σ̄² = mean_k v̂ + mean_k μ̂² − μ̄²."""
+    k = p.shape[1]
+    q = 1.0 - p
+    p_sum = p.sum(1, keepdim=True)
+    mean = torch.addmm(inst_mean * p_sum, q, means).div_(k)
+    second = torch.addmm(inst_mean.square() * p.square().sum(1, keepdim=True), q.square(), means.square())
+    second.add_(inst_mean * (q * p).mm(means), alpha=2.0)
+    var = torch.addmm(inst_var * p_sum, q, variances).add_(second).div_(k).sub_(mean.square())
+    return mean, var
 
 
 class UnMixTNS1d(_UnMixTNSBase):

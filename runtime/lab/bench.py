@@ -136,20 +136,6 @@ def _create(name, model, prototypes):
 
 
 # ---------------------------------------------------------------------------------- in-process sections
-def bench_adapters(model, names, batches, device, prototypes=None) -> list[dict]:
-    """One step (predict + learn) of each adapter over a frozen forward on the same batches."""
-    def frozen(x):
-        with torch.no_grad():
-            return model(x)
-
-    rows = []
-    for name in names:
-        t_frozen, t_adapter = paired_times([frozen, _create(name, model, prototypes).step], batches, device)
-        f, t = statistics.median(t_frozen), statistics.median(t_adapter)
-        rows.append({"policy": name, "ms_per_batch": t * 1e3, "frozen_ms_per_batch": f * 1e3, "ratio": t / f})
-    return rows
-
-
 def bench_memory(model, names, x, budget_bytes: int, prototypes=None) -> list[dict]:
     """Per-stream state (adapter.state_bytes(), what the server's memory budget counts) after one
     step, and how many such streams fit in the budget (None: the policy keeps no state)."""
@@ -226,6 +212,8 @@ def targets(result: dict) -> list[dict]:
         limit = {"bn": 1.05, "unmix-tns": 1.3}.get(r["policy"])
         if limit:
             judge(f"{r['policy']} step <= {limit}x frozen forward", r["ratio"], r["ratio"] <= limit)
+        if r["policy"] == "mean-teacher":
+            judge("mean-teacher reply <= 1.5x source", r["reply_over_source"], r["reply_over_source"] <= 1.5)
     speedup = result.get("cotta", {}).get("cotta_vs_serial", {}).get("speedup")
     if speedup is not None:
         judge("cotta step >= 3x faster than the serial reference", speedup, speedup >= 3)
@@ -255,7 +243,7 @@ def run(args) -> int:
     result = {"machine": machine(device), "model": args.model, "input": [3, *size], "batch_size": bs,
               "timed_batches": n, "sections": sections}
     if "steps" in sections:
-        result["steps"] = bench_adapters(model, names, batches, device, prototypes)
+        result["steps"] = adapter_figures.step_ratios(model, names, batches, device, prototypes)
     if "memory" in sections:
         budget = int(args.memory_budget_mb * 2**20)  # as `tta serve --memory-budget-mb` counts it
         result["memory"] = bench_memory(model, names, batches[0], budget, prototypes)
@@ -349,9 +337,10 @@ def print_tables(result: dict) -> None:
                 ("update_done_ms", "update ms", ".1f"), ("server_state_bytes", "state B", "d"),
                 ("guard_verdicts", "guard", "d")])
     if "steps" in result:
-        _table("adapter step over a frozen forward (in-process)", result["steps"],
-               [("policy", "policy", "s"), ("ms_per_batch", "ms/batch", ".2f"),
-                ("frozen_ms_per_batch", "frozen ms", ".2f"), ("ratio", "× frozen", ".2f")])
+        _table("adapter step (predict + learn) over a frozen forward, and its reply over source (in-process)",
+               result["steps"], [("policy", "policy", "s"), ("ms_per_batch", "step ms", ".2f"),
+                                 ("frozen_ms_per_batch", "frozen ms", ".2f"), ("ratio", "step × frozen", ".2f"),
+                                 ("reply_ms", "reply ms", ".2f"), ("reply_over_source", "reply × src", ".2f")])
     if "cotta" in result:
         c = result["cotta"]
         print("\nCoTTA vs serial reference; grouped BN streams")

@@ -1,18 +1,49 @@
-"""Adapter-side speed figures for `tta bench` (its `cotta` section calls these two functions).
+"""Adapter-side speed figures for `tta bench` (its `steps` and `cotta` sections).
 
-Both compare two ways of computing the same thing, call by call on the same batches (see
-runtime.lab.timing.paired_times), and report the largest output difference next to the speed ratio:
-a speed-up only counts at equal outputs.
+`cotta_vs_serial` and `grouped_bn_streams` compare two ways of computing the same thing, call by
+call on the same batches (see runtime.lab.timing.paired_times), and report the largest output
+difference next to the speed ratio: a speed-up only counts at equal outputs. `step_ratios` (the
+`steps` section) gives, per adapter, its step over a frozen forward and its reply (predict) over
+the source's, the three called in turn on each batch.
 """
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
 import adapters
 from adapters.grouped_norm import grouped
-from runtime.lab.timing import paired_times
+from runtime.lab.timing import _sync, paired_times
+
+
+def step_ratios(model, names, batches, device, prototypes=None) -> list[dict]:
+    """Per adapter: the source's reply (a frozen forward), then the adapter's predict and learn,
+    timed call by call on each batch in turn (two warm-up batches). Returns rows: policy; batch;
+    ms_per_batch (predict + learn), frozen_ms_per_batch (the source's forward), reply_ms (predict),
+    medians; ratio = ms_per_batch / frozen_ms_per_batch; reply_over_source = reply_ms / frozen."""
+    device = torch.device(device)
+    source = adapters.create("source", model)
+    rows = []
+    for name in names:
+        hp = {"prototypes": prototypes} if name == "mean-teacher" and prototypes is not None else {}
+        adapter = adapters.create(name, model, **hp)
+        times = []
+        for i, x in enumerate(batches):
+            marks = [time.perf_counter()]
+            for call in (lambda: source.predict(x), lambda: adapter.predict(x), adapter.learn):
+                call()
+                _sync(device)
+                marks.append(time.perf_counter())
+            if i >= 2:
+                times.append([b - a for a, b in zip(marks, marks[1:])])
+        frozen, reply, learn = (list(t) for t in zip(*times))
+        step = [r + u for r, u in zip(reply, learn)]
+        f, r, t = (statistics.median(v) * 1e3 for v in (frozen, reply, step))
+        rows.append({"policy": name, "batch": int(batches[0].shape[0]), "ms_per_batch": t, "frozen_ms_per_batch": f,
+                     "ratio": t / f, "reply_ms": r, "reply_over_source": r / f})
+    return rows
 
 
 def cotta_vs_serial(model, batches, device, n_augmentations: int = 32) -> dict:
@@ -76,4 +107,5 @@ def grouped_bn_streams(model, n_streams: int, batch: int, device, policy: str = 
     return {"policy": policy, "n_streams": n_streams, "batch": batch, "repeats": repeats,
             "separate_ms": separate_ms, "grouped_ms": grouped_ms, "speedup": separate_ms / grouped_ms,
             "max_abs_diff": float((last["separate"] - last["grouped"]).abs().max())}
+
 

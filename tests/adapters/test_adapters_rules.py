@@ -31,6 +31,16 @@ def test_bn_normalises_with_the_biased_batch_variance():
     assert torch.allclose(adapters.create("bn", model).step(x), expected, atol=1e-5)
 
 
+def test_alpha_bn_batch_statistics_are_a_momentum_one_bn_running_statistics_bit_for_bit():
+    from adapters.bn_alpha import unbiased_batch_statistics
+    for shape in [(4, 3, 5, 5), (1, 6, 7, 3), (32, 16, 8, 8)]:
+        x = torch.randn(shape) * 2 + 0.3
+        reference = torch.nn.BatchNorm2d(shape[1], affine=False, momentum=1.0).train()
+        reference(x)  # the reference's alpha-BN reads its statistics off this layer
+        mean, var = unbiased_batch_statistics(x)
+        assert torch.equal(mean, reference.running_mean) and torch.equal(var, reference.running_var)
+
+
 def test_alpha_bn_mixes_source_and_unbiased_batch_statistics():
     model = bn_only()
     x = torch.rand(4, 3, 5, 5)
@@ -106,6 +116,29 @@ def test_unmix_tns_forward_and_component_update(k, batch):
         assert torch.allclose(a.step(x), expected, atol=1e-5)  # normalised with PRE-update components
         assert torch.allclose(layer.component_means, new_M, atol=1e-6)  # divided by B, all K moved
         assert torch.allclose(layer.component_vars, new_V, atol=1e-6)
+
+
+@pytest.mark.parametrize("k,batch", [(16, 6), (4, 1), (1, 3)])
+def test_unmix_tns_fused_forward_matches_the_reference_arithmetic(k, batch):
+    """Without autograd the layer runs fused (one statistics pass, K and B contracted as matrix
+    products, one batch norm over the instance channels): the reference path's function, to
+    float rounding, components included. With autograd recording it runs the reference path."""
+    model = tiny_cnn()
+    fused = adapters.create("unmix-tns", model, k=k, batch_size_max=4).net
+    plain = copy.deepcopy(fused)
+    layers = [m for m in plain.modules() if hasattr(m, "_forward_reference")]
+    for m in layers:
+        m.forward = m._forward_reference
+    for x in stream(3, batch=batch, size=12):
+        with torch.no_grad():
+            assert torch.allclose(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+        for a, b in zip(fused.buffers(), plain.buffers()):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    layer = layers[0]
+    del layer.forward  # the class's dispatch again
+    x = torch.rand(batch, layer.weight.numel(), 6, 6, requires_grad=True)
+    layer(x).sum().backward()  # the reference path: gradients through the instance statistics
+    assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_unmix_tns_with_one_component_is_instance_norm():
