@@ -124,6 +124,10 @@ class Adapter:
     deferred_update: bool = True  # False: all the work is in the forward pass, learn() is a no-op
     state_grows: bool = False  # True: state_bytes() changes as the stream learns (a memory bank fills)
     ensemble_size: int = 1  # the prediction is the sum of this many networks' logits
+    # predicts with the batch's own normalisation statistics, so a single image is normalised by
+    # itself (the collapse guard answers such batches with the source); False where the statistics
+    # are the source's mixed in (bn-alpha), running ones (bn-ema, rotta) or none (lame)
+    batch_statistics: bool = True
     HYPERPARAMETERS: tuple[Hyperparameter, ...] = ()
 
     @classmethod

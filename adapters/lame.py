@@ -42,6 +42,7 @@ HYPERPARAMETERS = (
 
 class LAME(NormalisationAdapter):
     name = "lame"
+    batch_statistics = False
     summary = ("LAME: Laplacian-regularised assignment of the batch's outputs over its feature graph; no "
                "weight or statistics update (built for label-correlated streams).")
     HYPERPARAMETERS = HYPERPARAMETERS

@@ -68,7 +68,8 @@ class Batches:
         self.table.learn_owed(stream)  # batch t+1 sees the update from batch t
         verdict = ""
         try:
-            early = stream.guarded.fallback_before_predict(len(batch.x)) if stream.guarded is not None else None
+            early = (stream.guarded.fallback_before_predict(len(batch.x), stream.adapter)
+                     if stream.guarded is not None else None)
             if stream.frozen:  # logits and the BN layers' input means in one forward
                 logits, means = self.model.frozen.run(batch.x)
                 bn_shift = self.model.frozen.bn_shift(means)

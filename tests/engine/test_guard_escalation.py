@@ -25,31 +25,38 @@ def test_every_adapting_policy_is_guarded_source_is_not(tiny):
 
 def test_a_bn_stream_at_batch_one_is_answered_by_the_source_in_the_server(tiny):
     """bn normalises a single image by itself (80.8 % error on the demo benchmark against the
-    frozen model's 50.7 %): the guard answers it with the source prediction, touching nothing."""
+    frozen model's 50.7 %): the guard answers it with the source prediction, touching nothing.
+    bn-alpha mixes the source's statistics in (built for small batches): its single images are
+    its own."""
     one, four = batch(1, size=1), batch(2)
 
     async def scenario(engine):
-        await engine.set_policy("cam", "bn-ema", {})
+        await engine.set_policy("cam", "unmix-tns", {})
         await engine.infer("cam", four)
         result = await engine.infer("cam", one)
         info = await engine.get_stream("cam")
         await engine.set_policy("plain", "bn", {})
         plain = await engine.infer("plain", one)
-        return result, info, plain
+        await engine.set_policy("alpha", "bn-alpha", {})
+        alpha = await engine.infer("alpha", one)
+        return result, info, plain, alpha
 
-    result, info, plain = run_engine(tiny, scenario)
+    result, info, plain, alpha = run_engine(tiny, scenario)
     source = adapters.create("source", tiny.module).predict(torch.from_numpy(one)).numpy()
     for r in (result, plain):
         np.testing.assert_allclose(r.logits, source, rtol=1e-5, atol=1e-5)
         assert r.guard == "small_batch"
     assert info["guard_fallbacks"] == 1 and info["batches"] == 2
+    own = adapters.create("bn-alpha", tiny.module).predict(torch.from_numpy(one)).numpy()
+    assert alpha.guard == "" and np.abs(own - source).max() > 1e-3
+    np.testing.assert_allclose(alpha.logits, own, rtol=1e-5, atol=1e-5)
 
 
 def test_a_fallback_leaves_statistics_as_they_were_before_the_batch(tiny):
-    """bn-ema updates its statistics inside the prediction; a batch the guard answers with the
+    """unmix-tns updates its statistics inside the prediction; a batch the guard answers with the
     source (here: smaller than min_batch, judged after predicting as tta replay does) must not
     move them."""
-    adapter = adapters.create("bn-ema", tiny.module)
+    adapter = adapters.create("unmix-tns", tiny.module)
     adapter.step(torch.from_numpy(batch(0)))
     guarded = Guarded(GuardConfig(min_batch=8))
     before = adapter.state_dict()

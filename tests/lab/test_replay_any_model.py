@@ -171,7 +171,7 @@ def test_guard_hp_and_eata_run_on_the_user_model(capsys, tiny_config, data, tmp_
                             cache=tmp_path / "c")
     assert code == 0, err
     tent, eata = out["results"]
-    assert tent["hyperparameters"]["lr"] == 0.01 and set(tent["guard"]) == {"verdicts", "actions",
+    assert tent["hyperparameters"]["lr"] == 0.01 and set(tent["guard"]) == {"verdicts", "actions", "pinned_batches",
                                                                             "max_weight_distance"}
     assert eata["samples"] == N
 
