@@ -176,9 +176,10 @@ def replay(capsys, *extra):
     return {r["adapter"]: r for r in json.loads(capsys.readouterr().out)["results"]}
 
 
-def test_guarded_tent_is_no_worse_than_source_on_a_label_sorted_stream(capsys):
-    unguarded = replay(capsys, "--guard", "off")
-    guarded = replay(capsys, "--guard", "rollback")
+@pytest.mark.parametrize("stress", [[], ["--hp", "tent.lr=0.01"]], ids=["default-lr", "lr-x10"])
+def test_guarded_tent_is_no_worse_than_source_on_a_label_sorted_stream(capsys, stress):
+    unguarded = replay(capsys, "--guard", "off", *stress)
+    guarded = replay(capsys, "--guard", "rollback", *stress)
     source = guarded["source"]["mean"]
     assert unguarded["source"]["mean"] == source and guarded["source"]["guard"] == {}  # source is never guarded
     assert unguarded["tent"]["mean"] > source + 5  # the failure the guard is for
