@@ -149,12 +149,14 @@ class Outcome:
 class Guarded:
     """The guard of one adapting stream: its StreamGuard, the last good state of its adapter and
     the weight distance of that adapter's current weights. The engine and `tta replay` call the
-    same three methods, so a verdict means the same in both:
+    same methods, so a verdict means the same in both:
 
-        guarded.before_predict(adapter)            # may keep a candidate for the last good state
-        logits = adapter.predict(x)
-        outcome = guarded.judge(adapter, logits, source_logits, loss, bn_shift)
-        if outcome.learn: adapter.learn(); guarded.learned(adapter)
+        outcome = guarded.fallback_for_stream(source_logits)  # label-correlated stream: the source
+        if outcome is None:                                   # answers, the adapter does not run
+            guarded.before_predict(adapter)       # may keep a candidate for the last good state
+            logits = adapter.predict(x)
+            outcome = guarded.judge(adapter, logits, source_logits, loss, bn_shift)
+            if outcome.learn: adapter.learn(); guarded.learned(adapter)
 
     `judge` also carries out the verdict on the adapter (drop the batch's update; load the last
     good state, or reset it); what the caller keeps about the stream (step, counters, metrics,
@@ -187,6 +189,16 @@ class Guarded:
         self._seen += 1
         self.guard.figures = {}
         return Outcome(None, self.guard._verdict("small_batch"), FALLBACK)
+
+    def fallback_for_stream(self, source_logits: np.ndarray) -> Outcome | None:
+        """A verdict known from the source alone (the stream-level label-shift test): the caller
+        answers the batch with `source_logits` and does not run the adapter. Call after
+        before_predict is due and before predicting; on None, predict and judge as usual."""
+        if not self.guard.correlated_stream(source_logits):
+            return None
+        self._seen += 1
+        self._candidate = self._undo = None
+        return Outcome(source_logits, self.guard._verdict("label_shift"), FALLBACK)
 
     def judge(self, adapter, logits: np.ndarray, source_logits: np.ndarray | None, loss: float | None,
               bn_shift: float | None) -> Outcome:
@@ -286,6 +298,7 @@ class StreamGuard:
         self._source_long = None if self.prior is None else self.prior.copy()
         self._source_seen = 0  # samples in the long run (without a prior, the first ones fill its window)
         self._label_excess: collections.deque[float] = collections.deque(maxlen=max(self.config.label_runs, 1))
+        self._source_done: tuple[float, float] | None = None  # this batch's (KL, chance), taken once
         self._adapted_marginal = self._source_marginal = None
         self.after_action()
 
@@ -327,21 +340,14 @@ class StreamGuard:
         p_adapted = softmax(adapted)
         p_source = None if source_logits is None else softmax(np.asarray(source_logits, np.float64))
         fallback = None
-        if n < cfg.min_batch and batch_statistics:
-            fallback = "small_batch"
-        elif p_source is not None:
-            fallback = self._label_shift(p_source, p_adapted)
+        small = n < cfg.min_batch and batch_statistics
         if p_source is not None:
-            m = p_source.mean(0)
-            if self._source_long is None:  # uniform prior unless the caller gave the training marginal
-                self._source_long = np.full(len(m), 1.0 / len(m))
-            # without the training marginal as a prior, the long run starts as the average of what it
-            # has seen (a window filling up) and a uniform guess worth 4 samples a class, so a source
-            # biased from the first batch on is not measured for long against a uniform it never showed
-            window = (cfg.label_window if self.prior is not None
-                      else min(cfg.label_window, self._source_seen + n + 4 * len(m)))
-            self._source_long = _ema(self._source_long, m, n, window)
-            self._source_seen += n
+            kl, chance = self._source_side(p_source, record=not small)
+            if not small:
+                fallback = self._label_shift(p_source, p_adapted, kl, chance)
+        self._source_done = None
+        if small:
+            fallback = "small_batch"
         if fallback:
             return self._verdict(fallback)  # this batch is not evidence about the adapted state
 
@@ -371,19 +377,59 @@ class StreamGuard:
         self._last = reason
         return reason
 
-    def _label_shift(self, p_source: np.ndarray, p_adapted: np.ndarray) -> str | None:
+    def correlated_stream(self, source_logits) -> bool:
+        """Before predicting, with the source's logits at hand: take this batch's source-side label
+        statistics (observe() reuses them) and say whether the stream-level test calls the stream
+        label-correlated, so the caller can answer the batch with the source without running the
+        adapter (its update would be dropped anyway)."""
         cfg = self.config
-        m = p_source.mean(0)
-        long_run = self._source_long if self._source_long is not None else np.full(len(m), 1.0 / len(m))
-        kl = _kl(m, long_run)
+        if cfg.action == "off" or cfg.label_runs == 0 or len(source_logits) < cfg.min_batch:
+            return False
+        p_source = softmax(np.asarray(source_logits, np.float64))
+        kl, _ = self._source_side(p_source, record=True)
+        correlated, median = self._correlated()
+        if correlated:  # the batch ends here: observe() will not see it
+            self._source_done = None
+            self._last = None
+            self.figures = {"label_kl": kl, "label_kl_median": median}
+        return correlated
+
+    def _source_side(self, p_source: np.ndarray, record: bool) -> tuple[float, float]:
+        """The source's label statistics of this batch, once (correlated_stream, then observe):
+        its KL to the long-run marginal as it stood before the batch and the KL an i.i.d. batch has
+        by chance; the batch's KL beyond chance recorded for the stream-level test (`record`); the
+        long run moved by the batch."""
+        if self._source_done is not None:
+            return self._source_done
+        cfg = self.config
+        m, n = p_source.mean(0), len(p_source)
+        if self._source_long is None:  # uniform prior unless the caller gave the training marginal
+            self._source_long = np.full(len(m), 1.0 / len(m))
+        kl, chance = _kl(m, self._source_long), (len(m) - 1) / (2 * n)
+        if record:
+            self._label_excess.append(kl - chance)
+        # without the training marginal as a prior, the long run starts as the average of what it
+        # has seen (a window filling up) and a uniform guess worth 4 samples a class, so a source
+        # biased from the first batch on is not measured for long against a uniform it never showed
+        window = cfg.label_window if self.prior is not None else min(cfg.label_window, self._source_seen + n + 4 * len(m))
+        self._source_long = _ema(self._source_long, m, n, window)
+        self._source_seen += n
+        self._source_done = (kl, chance)
+        return self._source_done
+
+    def _correlated(self) -> tuple[bool, float]:
+        """The stream-level test: the batches' KL beyond chance, median over the last label_runs batches."""
+        cfg = self.config
+        median = float(np.median(self._label_excess)) if self._label_excess else 0.0
+        return (cfg.label_runs > 0 and len(self._label_excess) >= max(cfg.label_runs // 2, 1)
+                and median > cfg.label_kl), median
+
+    def _label_shift(self, p_source: np.ndarray, p_adapted: np.ndarray, kl: float, chance: float) -> str | None:
+        cfg = self.config
         confidence = float(p_source.max(1).mean())
         adapted_confidence = float(p_adapted.max(1).mean())
-        chance = (len(m) - 1) / (2 * len(p_source))  # the KL of an i.i.d. batch by chance
         shifted = kl > cfg.label_kl + chance and confidence > cfg.min_source_confidence and adapted_confidence < confidence
-        # the stream-level test: the batches' KL beyond chance, median over the last label_runs batches
-        self._label_excess.append(kl - chance)
-        median = float(np.median(self._label_excess))
-        correlated = cfg.label_runs > 0 and len(self._label_excess) >= max(cfg.label_runs // 2, 1) and median > cfg.label_kl
+        correlated, median = self._correlated()
         self.figures.update(label_kl=kl, label_kl_median=median, source_confidence=confidence,
                             adapted_confidence=adapted_confidence)
         return "label_shift" if shifted or correlated else None

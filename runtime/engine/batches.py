@@ -78,12 +78,20 @@ class Batches:
                 stream.guard_outcome(early, self.metrics, self.model.num_classes)
             else:
                 x = self._tensor(batch.x)
-                if stream.guarded is not None:
-                    stream.guarded.before_predict(stream.adapter)
-                logits = stream.adapter.predict(x).float().cpu().numpy()
-                bn_shift = stream.predicted(self.metrics)
-                if stream.guarded is not None:
-                    logits, verdict = self._guard(stream, batch.x, x, logits, bn_shift)
+                source = None
+                if stream.guarded is not None:  # the source's logits first: they may answer alone
+                    source = self._source_logits(batch.x, x)
+                    early = stream.guarded.fallback_for_stream(source)
+                if early is not None:  # a label-correlated stream: the adapter is not run
+                    logits, bn_shift, verdict = source, None, early.reason
+                    stream.guard_outcome(early, self.metrics, self.model.num_classes)
+                else:
+                    if stream.guarded is not None:
+                        stream.guarded.before_predict(stream.adapter)
+                    logits = stream.adapter.predict(x).float().cpu().numpy()
+                    bn_shift = stream.predicted(self.metrics)
+                    if stream.guarded is not None:
+                        logits, verdict = self._guard(stream, logits, source, bn_shift)
             return self._finish(stream, batch, started, time.monotonic() - started, logits, bn_shift, verdict)
         except Exception:
             self._unlearn(stream)
@@ -106,12 +114,11 @@ class Batches:
             self._source_adapter = adapters.create("source", self.model.module)
         return self._source_adapter.predict(batch).float().cpu().numpy()
 
-    def _guard(self, stream: Stream, x: np.ndarray, batch: torch.Tensor, logits: np.ndarray,
+    def _guard(self, stream: Stream, logits: np.ndarray, source: np.ndarray,
                bn_shift: float | None) -> tuple[np.ndarray, str]:
         """The guard's verdict on a guarded stream's batch, before its reply and its update
         (runtime/guard.py Guarded.judge decides and carries it out; here it is counted and logged)."""
-        outcome: Outcome = stream.guarded.judge(stream.adapter, logits, self._source_logits(x, batch),
-                                                stream.last_loss, bn_shift)
+        outcome: Outcome = stream.guarded.judge(stream.adapter, logits, source, stream.last_loss, bn_shift)
         if not outcome.reason:
             return outcome.reply, ""
         stream.guard_outcome(outcome, self.metrics, self.model.num_classes)

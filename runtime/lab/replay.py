@@ -200,6 +200,10 @@ class _GuardedRun:
         if self.pinned:  # the server's safe policy by default: the frozen model
             self.pinned_batches += 1
             return torch.from_numpy(source_logits)
+        early = self.guarded.fallback_for_stream(source_logits)
+        if early is not None:  # a label-correlated stream: the source answers, the adapter does not run
+            self.actions[early.action] += 1
+            return torch.from_numpy(early.reply)
         self.guarded.before_predict(a)
         logits = a.predict(x).detach().float().cpu().numpy()
         self.max_weight_distance = max(self.max_weight_distance, self.guarded.weight_distance)  # as judged

@@ -150,3 +150,32 @@ def test_a_collapsing_stateless_adapter_is_answered_by_the_source_then_pinned_in
     assert summary["pinned_batches"] == 8
     run.reset()  # a new block: the pin ends with it
     torch.testing.assert_close(run.step(xs[0]), lame.predict(xs[0]))
+
+
+class OneClassPerBatch(torch.nn.Module):
+    """A 'source' sure that every image of a batch is the class its brightness says: batches of
+    one brightness each make a label-sorted stream."""
+
+    def forward(self, x):
+        labels = (x.mean(dim=(1, 2, 3)) * 10).long().clamp(0, 9)
+        return torch.nn.functional.one_hot(labels, 10).float() * 4.0
+
+
+def test_once_a_stream_is_label_correlated_the_adapter_is_not_run(tiny):
+    """The stream-level label-shift test needs only the source: once it calls the stream
+    correlated, the source answers and the adapter's forward (whose update would be dropped) is
+    skipped, in replay and server alike (Guarded.fallback_for_stream)."""
+    from runtime.lab.replay import _GuardedRun
+
+    bn = adapters.create("bn", tiny.module)
+    calls = []
+    predict = bn.predict
+    bn.predict = lambda x: calls.append(len(x)) or predict(x)
+    run = _GuardedRun(bn, OneClassPerBatch(), GuardConfig())
+    xs = [torch.full((16, 3, 16, 16), (b % 10) / 10 + 0.05) for b in range(20)]
+    replies = [run.step(x) for x in xs]
+    assert len(calls) == 7  # from the 8th batch (half the window) on, every batch is the source's alone
+    for x, reply in zip(xs[7:], replies[7:]):
+        torch.testing.assert_close(reply, OneClassPerBatch()(x))
+    summary = run.summary()
+    assert summary["verdicts"]["label_shift"] >= 13 and summary["actions"]["fallback"] == summary["verdicts"]["label_shift"]
