@@ -69,10 +69,13 @@ again. The other four reasons take `GuardConfig.action` (rollback to the last go
 reset to source) and the caller clears the stream's guard state with `after_action()`.
 
 Cost per batch: the label_shift and source-level collapse tests need the source model's logits on
-the same batch, one frozen no-grad forward pass. Measured on the demo model, batch 64, one CPU
-thread (CPU time): source forward 89 ms against a TENT step 148 ms (+60 %), mean teacher 421 ms
-(+21 %), CoTTA 7.1 s (+1 %). `observe` itself: 0.06 ms; weight_distance 0.3-0.7 ms. On a fallback
-batch the adapter's update is skipped, which more than pays for the forward on those batches.
+the same batch, one frozen forward (ONNX Runtime's where the model exports exactly, the server's
+frozen path). A stream the stream-level test calls label-correlated is answered by those logits
+alone: the adapter's forward is skipped (`Guarded.fallback_for_stream`). Figures from before
+both: measured on the demo model, batch 64, one CPU thread (CPU time): torch source forward
+89 ms against a TENT step 148 ms (+60 %), mean teacher 421 ms (+21 %), CoTTA 7.1 s (+1 %);
+`observe` itself 0.06 ms, weight_distance 0.3-0.7 ms. On a fallback batch the adapter's update is
+skipped, which more than pays for the forward on those batches.
 """
 from __future__ import annotations
 
