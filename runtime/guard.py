@@ -39,26 +39,20 @@ Signals and reasons (defaults in `GuardConfig`; C = number of classes, n = batch
   confidence ~0.8, 70 % error, its batch marginal far from the long run on an i.i.d. stream,
   where TENT is at 0.83-0.89). Where the source is unsure (fog, contrast, frost: 0.5-0.7) the
   adapted model beats it even on correlated batches; the source-confidence gate keeps those.
-  A second test looks at the stream instead of the batch, and leans on no confidence: the stream is
-  label-correlated while the median, over its last `label_runs` batches, of each batch's KL
-  beyond the chance term exceeds `label_kl`; then every batch falls back. An i.i.d. stream's
-  batches sit near the long run (a domain change moves it once, for a few batches, which the
-  median ignores); a label-sorted or Dirichlet-ordered stream's batches keep changing class, so
-  its median stays above. Chosen on the demo model (Fashion-MNIST, 8 corruptions × 1000, batch
-  64: the median over 16 batches at the batch test's own threshold), then judged on CIFAR-10 with
-  the example ResNet-20, which it was not tuned on: where unsure sources let the batch test miss
-  label-sorted noise batches (TENT-style adapters at 0.70-0.79 confidence, wrong), see
-  docs/RESULTS.md, "Collapse guard".
+  A second test looks at the stream and leans on no confidence: while the median, over its last
+  `label_runs` batches, of each batch's KL beyond the chance term exceeds `label_kl`, the stream
+  is label-correlated and every batch falls back. An i.i.d. stream's batches sit near the long
+  run (a domain change moves it for a few batches, which the median ignores); a label-sorted or
+  Dirichlet-ordered stream keeps changing class. Chosen on the demo model, judged on CIFAR-10,
+  where unsure sources let the batch test miss label-sorted noise batches (docs/RESULTS.md).
 - `small_batch` (fallback): n < `min_batch`. Methods that predict with batch statistics normalise
   a single image by itself (instance normalisation); on the demo model TENT, CoTTA, mean teacher
   and BN give 80-88 % error at batch 1 against the source's 51 %, and the label_shift test has no
   power on so few samples. From two images on, adaptation already pays on average (TENT at batch
   2 / 3 / 4 / 8: 33.6 / 29.7 / 25.8 / 23.7 % against the source's 44.0, 4 corruptions × 96
-  images, `tta replay --batch-size N`), so the default falls back at batch size 1 only. Only for
-  adapters that predict with the batch's own statistics (`adapter.batch_statistics`): bn-alpha
-  (source statistics mixed in), bn-ema and rotta (running statistics) and lame (none) were built
-  for small batches and beat the source at batch 1 (CIFAR-10 example: 36.0 / 39.7 / 42.7 / 44.0
-  against 44.0), so their single images are judged like any batch.
+  images, `tta replay --batch-size N`), so the default falls back at batch size 1 only, and only
+  for adapters that predict with the batch's own statistics (`adapter.batch_statistics`; not
+  bn-alpha, bn-ema, rotta, lame, which beat the source at batch 1 on the CIFAR-10 example).
 
 Why a fallback and not a rollback for the last two: with batch-statistics normalisation the harm
 of a label-correlated or single-image batch is in *this batch's* prediction, from the first batch
