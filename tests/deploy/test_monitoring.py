@@ -176,6 +176,19 @@ class Prometheus:
         assert body["status"] == "success", body
         return body["data"]["result"]
 
+    def wait_for_value(self, expr: str, value: float, timeout: float = 60.0) -> None:
+        """Until a scrape has seen `expr` at `value`. On a loaded machine a scrape can time out (its
+        timeout is the 1 s interval), and a feed that no scrape saw in progress leaves counters whose
+        increase() is 0: waiting between feeds gives every counter at least one sample per stage."""
+        deadline, seen = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            result = self.query(expr)
+            seen = float(result[0]["value"][1]) if result else None
+            if seen == value:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"prometheus never saw {expr} == {value} (last seen {seen})")
+
     def stop(self):
         self.proc.terminate()
         self.proc.wait(timeout=30)
@@ -193,12 +206,16 @@ def monitored(tiny_config, tmp_path_factory):
         ctl(server.target, "set-policy", TRACKED[1], "tent")
         ctl(server.target, "set-policy", "untracked-0", "bn-ema")
         ctl(server.target, "set-policy", "untracked-1", "unmix-tns", "k=4")
+        labels_seen = 'tta_feedback_labels_total{stream="%s"}' % TRACKED[0]
         feed(server.target, 6)
+        prometheus.wait_for_value(labels_seen, 6 * 8)
         ctl(server.target, "snapshot", TRACKED[1], "--name", "before")
         feed(server.target, 6, offset=1)
+        prometheus.wait_for_value(labels_seen, 12 * 8)
         ctl(server.target, "rollback", TRACKED[1], "--name", "before")
         ctl(server.target, "reset", TRACKED[0])
         feed(server.target, 4, offset=2)
+        prometheus.wait_for_value(labels_seen, 16 * 8)
         time.sleep(6)  # a few more scrapes and rule evaluations
         yield server, prometheus
     finally:
