@@ -128,6 +128,9 @@ class Adapter:
     # itself (the collapse guard answers such batches with the source); False where the statistics
     # are the source's mixed in (bn-alpha), running ones (bn-ema, rotta) or none (lame)
     batch_statistics: bool = True
+    # normalises with statistics carried over batches (the source's mixed in, or running ones), so
+    # one label-correlated batch barely moves them: the guard's label-shift fallback leaves it alone
+    running_statistics: bool = False
     HYPERPARAMETERS: tuple[Hyperparameter, ...] = ()
 
     @classmethod

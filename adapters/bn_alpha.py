@@ -58,6 +58,7 @@ def convert_to_alpha_bn(net: nn.Module, alpha: float = 0.1) -> nn.Module:
 class AlphaBatchNorm(NormalisationAdapter):
     name = "bn-alpha"
     batch_statistics = False
+    running_statistics = True
     summary = ("alpha-BN: mix source and current-batch BN statistics with weight alpha; stateless, "
                "works at batch size 1.")
     HYPERPARAMETERS = (ALPHA,)

@@ -16,6 +16,7 @@ MOMENTUM = Hyperparameter(
 class BatchNormEMA(NormalisationAdapter):
     name = "bn-ema"
     batch_statistics = False
+    running_statistics = True
     summary = ("BN-EMA: keep per-stream BN running statistics updated by an exponential moving "
                "average of the stream's batches; predict with them (current batch included).")
     HYPERPARAMETERS = (MOMENTUM,)

@@ -188,6 +188,7 @@ class MemoryBank:
 class RoTTA(GradientAdapter):
     name = "rotta"
     batch_statistics = False
+    running_statistics = True
     summary = ("RoTTA: robust BN, a category-balanced memory bank with timeliness and an EMA teacher; "
                "built for label-correlated, changing streams and small batches.")
     HYPERPARAMETERS = HYPERPARAMETERS

@@ -81,7 +81,7 @@ class Batches:
                 source = None
                 if stream.guarded is not None:  # the source's logits first: they may answer alone
                     source = self._source_logits(batch.x, x)
-                    early = stream.guarded.fallback_for_stream(source)
+                    early = stream.guarded.fallback_for_stream(source, stream.adapter)
                 if early is not None:  # a label-correlated stream: the adapter is not run
                     logits, bn_shift, verdict = source, None, early.reason
                     stream.guard_outcome(early, self.metrics, self.model.num_classes)

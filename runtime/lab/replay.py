@@ -200,7 +200,7 @@ class _GuardedRun:
         if self.pinned:  # the server's safe policy by default: the frozen model
             self.pinned_batches += 1
             return torch.from_numpy(source_logits)
-        early = self.guarded.fallback_for_stream(source_logits)
+        early = self.guarded.fallback_for_stream(source_logits, a)
         if early is not None:  # a label-correlated stream: the source answers, the adapter does not run
             self.actions[early.action] += 1
             return torch.from_numpy(early.reply)
