@@ -389,22 +389,21 @@ class StreamGuard:
         long run moved by the batch."""
         if self._source_done is not None:
             return self._source_done
+        cfg = self.config
         m, n = p_source.mean(0), len(p_source)
         if self._source_long is None:  # uniform prior unless the caller gave the training marginal
             self._source_long = np.full(len(m), 1.0 / len(m))
         kl, chance = _kl(m, self._source_long), (len(m) - 1) / (2 * n)
         if record:
             self._label_excess.append(kl - chance)
-        self._source_long = _ema(self._source_long, m, n, self._window(self._source_seen + n, len(m)))
+        # without the training marginal as a prior, the long run starts as the average of what it
+        # has seen (a window filling up) and a uniform guess worth 4 samples a class, so a source
+        # biased from the first batch on is not measured for long against a uniform it never showed
+        window = cfg.label_window if self.prior is not None else min(cfg.label_window, self._source_seen + n + 4 * len(m))
+        self._source_long = _ema(self._source_long, m, n, window)
         self._source_seen += n
         self._source_done = (kl, chance)
         return self._source_done
-
-    def _window(self, seen: int, classes: int) -> int:
-        """The long runs' window with `seen` samples in. Without the training marginal as a prior a long
-        run is the average of what it has seen and a uniform guess worth 4 samples a class, so a source
-        biased from the first batch on is not measured for long against a uniform it never showed."""
-        return self.config.label_window if self.prior is not None else min(self.config.label_window, seen + 4 * classes)
 
     def _correlated(self) -> tuple[bool, float]:
         """The stream-level test: the batches' KL beyond chance, median over the last label_runs batches."""
