@@ -165,6 +165,7 @@ class Adapter:
         self.steps = 0  # number of learn() updates applied
         self._pending = False
         self._pending_bytes = 0  # what the owed update holds (set by subclasses that keep a graph)
+        self._owed_input: torch.Tensor | None = None  # a batch predicted elsewhere (owe): learn() runs its forward
         self._observers: list[Callable] = []
         self._observing = False
 
@@ -208,6 +209,26 @@ class Adapter:
         self._count_prediction()
         return out.detach()
 
+    def batch_stats_affine(self) -> dict[str, torch.Tensor] | None:
+        """Where this adapter's next prediction is the source network with every BatchNorm2d
+        normalising by the batch's own statistics, the BN scales and biases it uses that are not
+        the source's ({name in the source module: tensor}); None where it is not such a prediction.
+        The engine may then compute the prediction elsewhere (runtime/onnx_batch_stats.py) and
+        book it with owe()."""
+        return None
+
+    def owe(self, x: torch.Tensor) -> None:
+        """Book a prediction of x made elsewhere from batch_stats_affine(), as predict(x) would:
+        an owed update then runs its own forward pass of x in learn() (its figures taken, the BN
+        observers muted: the reply's were taken where it was predicted)."""
+        if self._pending:
+            self.learn()
+        x = self._check_input(x)
+        if self.deferred_update:
+            self._owed_input = x
+            self._pending_bytes = x.numel() * x.element_size()
+        self._count_prediction()
+
     @property
     def pending(self) -> bool:
         """True when an update (learn()) is owed for the last predicted batch."""
@@ -236,6 +257,17 @@ class Adapter:
         """Apply the update for the last predicted batch; returns figures such as the loss."""
         if not self._pending:
             return {}
+        if self._owed_input is not None:  # predicted elsewhere: the forward pass the update needs
+            x, self._owed_input = self._owed_input, None
+            observers, self._observers = self._observers, []
+            try:
+                with torch.no_grad():  # as in predict(): the subclass enables grad where it needs it
+                    self._predict(x)
+            except Exception:
+                self.discard()
+                raise
+            finally:
+                self._observers = observers
         self._pending, self._pending_bytes = False, 0
         figures = self._learn() or {}
         self.steps += 1
@@ -243,7 +275,7 @@ class Adapter:
 
     def discard(self) -> None:
         """Forget the pending update of the last predicted batch (prediction-only request)."""
-        self._pending, self._pending_bytes = False, 0
+        self._pending, self._pending_bytes, self._owed_input = False, 0, None
         self._discard()
 
     def reset(self) -> None:

@@ -14,6 +14,9 @@ class BatchNormTest(NormalisationAdapter):
     summary = ("Test-time BN (BN-1): normalise with the current batch's statistics; stateless, "
                "depends on batch composition.")
 
+    def batch_stats_affine(self):
+        return {}  # the source's scales and biases
+
     def _build(self, model):
         net = share_copy(model, share_buffers=True).eval()
         for m in net.modules():

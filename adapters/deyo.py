@@ -119,6 +119,7 @@ def deyo_loss(net, x: torch.Tensor, logits: torch.Tensor, hp: dict, generator):
 
 class DeYO(GradientAdapter):
     name = "deyo"
+    student_replies = True
     summary = ("DeYO: entropy minimisation on the normalisation layers' affine parameters, only on samples "
                "that are confident and whose prediction drops when the object's shape is destroyed (PLPD).")
     HYPERPARAMETERS = HYPERPARAMETERS

@@ -49,6 +49,7 @@ HYPERPARAMETERS = (
 
 class EATA(GradientAdapter):
     name = "eata"
+    student_replies = True
     summary = ("EATA: entropy minimisation of the normalisation affine parameters on reliable, non-redundant "
                "samples, with a Fisher penalty against forgetting (ETA without source samples).")
     uses_randomness = False

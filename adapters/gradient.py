@@ -43,6 +43,10 @@ class GradientAdapter(Adapter):
 
     updates_weights = True
     uses_randomness = True
+    # the prediction is the student network alone, its BN layers with batch statistics, and only
+    # BN affine parameters trained (tent, sar, eata, deyo): with norm=bn and one step a batch,
+    # batch_stats_affine() lets the engine compute the reply elsewhere
+    student_replies = False
 
     def _norm_network(self, model: nn.Module, own_weights: bool = True) -> nn.Module:
         norm = self.hyperparameters["norm"]
@@ -53,6 +57,12 @@ class GradientAdapter(Adapter):
         elif options:
             raise ValueError("hyperparameter 'norm_options' is only for norm='bn-alpha' or 'unmix-tns'")
         return build_normalised_network(model, norm, self.generator, options, own_weights=own_weights)
+
+    def batch_stats_affine(self):
+        hp = self.hyperparameters
+        if not self.student_replies or hp.get("norm", "bn") != "bn" or hp.get("steps", 1) != 1:
+            return None
+        return dict(self.trainable)
 
     def _augment(self):
         return self.hyperparameters["augment"] or CottaAugment(self.generator)

@@ -47,6 +47,7 @@ def sar_parameters(net) -> list[tuple[str, torch.nn.Parameter]]:
 
 class SAR(GradientAdapter):
     name = "sar"
+    student_replies = True
     summary = ("SAR: sharpness-aware entropy minimisation of the normalisation affine parameters on reliable "
                "(low-entropy) samples, with recovery of the source weights on collapse.")
     uses_randomness = False

@@ -18,6 +18,7 @@ HYPERPARAMETERS = (
 
 class Tent(GradientAdapter):
     name = "tent"
+    student_replies = True
     summary = "TENT: minimise prediction entropy by updating the normalisation layers' affine parameters."
     HYPERPARAMETERS = HYPERPARAMETERS
 

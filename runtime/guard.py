@@ -12,10 +12,8 @@ Signals and reasons (defaults in `GuardConfig`; C = number of classes, n = batch
 - `marginal_collapse`: the class marginal of the *adapted* predicted classes (argmax counts, an
   EMA over `marginal_window` samples, entropy / log C; argmax because TENT at batch 1 answers one
   class with a nearly flat softmax, whose mean looks spread) falls below `collapse_ratio` x the same figure for
-  the *source* model's predictions on the same batches, for `patience` batches in a row. The source
-  level matters: under fog the frozen model itself piles onto two classes (marginal entropy ~0.5),
-  so an absolute floor would either miss collapse or fire there. Without source logits the floor
-  is `collapse_floor` (absolute).
+  the *source* model's predictions on the same batches, for `patience` batches in a row (under fog
+  the frozen model itself piles onto two classes; before any source logits: `collapse_floor`).
 - `weight_runaway`: ||theta - theta_src|| / ||theta_src|| over the adapted weights above
   `max_weight_distance` (for `patience` batches). TENT on a collapsing stream keeps growing its
   BN affine parameters; a healthy stream stays well below (see docs/RESULTS.md, "Collapse guard").
@@ -31,24 +29,18 @@ Signals and reasons (defaults in `GuardConfig`; C = number of classes, n = batch
   small batches. Two more conditions keep it to the batches where the source is the better
   bet: the source is sure of its batch (mean max-probability > `min_source_confidence`); the
   adapted model is *less* sure of it (batch-statistics normalisation of a label-correlated batch
-  removes the class signal: 0.70-0.84 against the source's 0.85-0.96 on sorted mild-corruption
-  batches; on an i.i.d. shifted batch it restores it, which also covers a confidently wrong source
-  such as impulse noise's). Where the source is unsure (fog, contrast: 0.5-0.7) the adapter is
-  kept. (A third condition, the adapted model's own marginal off its own long run, was tried: it
-  let single-class batches through at the start of label-sorted streams, docs/RESULTS.md.)
-  A second test looks at the stream and leans on no confidence: while the median, over its last
-  `label_runs` batches, of each batch's KL beyond the chance term exceeds `label_runs_kl`, the stream
-  is label-correlated and every batch falls back. An i.i.d. stream's batches sit near the long
-  run (a domain change moves it for a few batches, which the median ignores); a label-sorted or
-  Dirichlet-ordered stream keeps changing class. Thresholds chosen on the demo model (seed 1),
-  judged on CIFAR-10 and on other seeds (docs/RESULTS.md).
+  removes the class signal; on an i.i.d. shifted batch it restores it). A second test leans on no
+  confidence: while the median, over its last `label_runs` batches, of each batch's KL beyond
+  chance exceeds `label_runs_kl`, the stream is label-correlated and every batch falls back (an
+  i.i.d. stream's batches sit near the long run; a sorted or Dirichlet-ordered one keeps changing
+  class). Thresholds chosen on the demo model (seed 1), judged on CIFAR-10 and other seeds
+  (docs/RESULTS.md, with the figures and a condition tried and dropped).
 - `small_batch` (fallback): n < `min_batch`. Methods that predict with batch statistics normalise
   a single image by itself (demo model, batch 1: TENT, CoTTA, mean teacher, BN 80-88 % error
-  against the source's 51 %). From two images on adaptation pays on average (TENT at batch 2 / 4
-  / 8: 33.6 / 25.8 / 23.7 % against 44.0), so the default falls back at batch size 1, for adapters
-  that predict with the batch's own statistics only (`adapter.batch_statistics`; not bn-alpha,
-  bn-ema, rotta, lame, which beat the source at batch 1 on the CIFAR-10 example). Neither label_shift
-  test applies to `adapter.running_statistics` ones (bn-alpha, bn-ema, rotta): one label-correlated
+  against the source's 51 %; from two images on adaptation pays on average), so the default falls
+  back at batch size 1, for adapters that predict with the batch's own statistics only
+  (`adapter.batch_statistics`; not bn-alpha, bn-ema, rotta, lame). Neither label_shift test
+  applies to `adapter.running_statistics` ones (bn-alpha, bn-ema, rotta): one label-correlated
   batch barely moves their statistics (demo model, seed 1: they beat the source on every correlated stream).
 
 Why a fallback and not a rollback for the last two: with batch-statistics normalisation the harm
@@ -60,8 +52,10 @@ clears the stream's guard state with `after_action()`.
 
 Cost per batch: the source-level tests need the source model's logits on the same batch, one
 frozen forward (ONNX Runtime's where the model exports exactly); a stream called label-correlated
-is answered by them alone, the adapter not run (`Guarded.fallback_for_stream`). `observe` itself
-takes ~0.06 ms, weight_distance 0.3-0.7 ms (docs/BENCHMARKS.md has the reply-latency cost).
+is answered by them alone, the adapter not run (`Guarded.fallback_for_stream`). On a calm stream
+(`StreamGuard.wants_source`) the forward runs on every `source_every`-th batch only, and a verdict
+between those is answered with the adapted logits (rollback and reset act on the state).
+`observe` takes ~0.06 ms, weight_distance 0.3-0.7 ms (docs/BENCHMARKS.md: the reply latency).
 """
 from __future__ import annotations
 
@@ -100,12 +94,13 @@ class GuardConfig:
     pin_after: int = 3                # this many rollbacks/resets within pin_window batches pin the
     pin_window: int = 100             # stream to safe_policy (0: never pin)
     safe_policy: str = "source"
+    source_every: int = 4             # a calm stream's source forward on every n-th batch only (1: every batch)
 
     def __post_init__(self):
         if self.action not in ACTIONS:
             raise ValueError(f"guard action {self.action!r}: choose from {', '.join(ACTIONS)}")
-        if self.patience < 1 or self.snapshot_every < 1 or self.bn_jump_patience < 1 or self.min_batch < 1:
-            raise ValueError("guard patience, snapshot_every, bn_jump_patience and min_batch must be >= 1")
+        if min(self.patience, self.snapshot_every, self.bn_jump_patience, self.min_batch, self.source_every) < 1:
+            raise ValueError("guard patience, snapshot_every, bn_jump_patience, min_batch and source_every must be >= 1")
         if self.label_runs < 0:
             raise ValueError("guard label_runs must be >= 0 (0: no stream-level label-shift test)")
         if self.pin_after < 0 or self.pin_window < 1:
@@ -114,15 +109,14 @@ class GuardConfig:
 
 def is_guarded(adapter, config: GuardConfig) -> bool:
     """Who is guarded, for the server and `tta replay` alike: every adapting policy while the guard
-    is on. Statistics-only ones too: a single image or a label-sorted batch hurts bn most (batch 1:
-    80.8 % error against the frozen model's 50.7 %); a fallback batch leaves statistics as they were."""
+    is on, statistics-only ones too (bn at batch 1: 80.8 % error against the frozen model's 50.7 %)."""
     return adapter is not None and adapter.adapts and config.action != "off"
 
 
 @dataclass
 class Outcome:
     """What the guard made of one batch: the logits to answer it with and what was done."""
-    reply: np.ndarray   # the adapted logits, or the source's (any verdict, where source logits were given)
+    reply: np.ndarray | None  # the adapted logits, or on a verdict the source's (None: the caller computes them)
     reason: str = ""    # the verdict (REASONS), "" when the batch passed every check
     action: str = ""    # "", "fallback", "rollback" or "reset"
     rolled_back_to: int = 0  # the adapter's step after a rollback
@@ -139,6 +133,7 @@ class Guarded:
     the weight distance of that adapter's current weights. The engine and `tta replay` call the
     same methods, so a verdict means the same in both:
 
+        source_logits = source(x) if guarded.needs_source(len(x)) else None
         outcome = guarded.fallback_for_stream(source_logits)  # label-correlated stream: the source
         if outcome is None:                                   # answers, the adapter does not run
             guarded.before_predict(adapter)       # may keep a candidate for the last good state
@@ -147,8 +142,7 @@ class Guarded:
             if outcome.learn: adapter.learn(); guarded.learned(adapter)
 
     `judge` also carries out the verdict on the adapter (drop the batch's update; load the last
-    good state, or reset it); what the caller keeps about the stream (step, counters, metrics,
-    logs) stays the caller's."""
+    good state, or reset it); the caller's bookkeeping (step, counters, metrics, logs) stays its own."""
 
     def __init__(self, config: GuardConfig, prior: np.ndarray | None = None):
         self.guard = StreamGuard(config, prior)
@@ -167,6 +161,12 @@ class Guarded:
         self._candidate = adapter.state_dict() if self.guard.snapshot_due(adapter.steps) else None
         self._undo = adapter.state_dict() if adapter.adapts and not adapter.deferred_update else None
 
+    def needs_source(self, n: int) -> bool:
+        """The caller computes the source's logits for this batch of n (StreamGuard.wants_source);
+        without them judge() skips the label-shift tests, and on a verdict the caller computes them
+        then, to answer with them (`Outcome.reply` is None)."""
+        return n < self.guard.config.min_batch or self.guard.wants_source()
+
     def fallback_before_predict(self, n: int, adapter=None) -> Outcome | None:
         """A verdict known before predicting (a batch under min_batch, for an adapter that
         predicts with the batch's own statistics): the caller answers it with the source's
@@ -182,7 +182,8 @@ class Guarded:
         """A verdict known from the source alone (the stream-level label-shift test): the caller
         answers the batch with `source_logits` and does not run the adapter. Call after
         before_predict is due and before predicting; on None, predict and judge as usual."""
-        if getattr(adapter, "running_statistics", False) or not self.guard.correlated_stream(source_logits):
+        if (source_logits is None or getattr(adapter, "running_statistics", False)
+                or not self.guard.correlated_stream(source_logits)):
             return None
         self._seen += 1
         self._candidate = self._undo = None
@@ -220,8 +221,7 @@ class Guarded:
         self.learned(adapter)
         # the batch itself is answered by the source: its adapted prediction came from the state just
         # judged unhealthy (and an adapter without state, LAME, would give the same again)
-        return Outcome(source_logits if source_logits is not None else logits, reason, action, step,
-                       self._escalate())
+        return Outcome(source_logits, reason, action, step, self._escalate())
 
     def _escalate(self) -> bool:
         """Escalation: pin_after rollbacks/resets within the last pin_window batches (the stream
@@ -286,6 +286,7 @@ class StreamGuard:
         self._source_seen = 0  # samples in the long run (without a prior, the first ones fill its window)
         self._label_excess: collections.deque[float] = collections.deque(maxlen=max(self.config.label_runs, 1))
         self._source_done: tuple[float, float] | None = None  # this batch's (KL, chance), taken once
+        self._since_source = 0  # batches judged without the source's logits since the last one with them
         self._adapted_marginal = self._source_marginal = None
         self.after_action()
 
@@ -304,6 +305,17 @@ class StreamGuard:
     def healthy(self) -> bool:
         """The last batch raised no signal at all: its state may become the last good snapshot."""
         return self._last is None and not any(self._runs.values())
+
+    def wants_source(self) -> bool:
+        """The source's forward on every batch while the stream is young (a label_runs window not yet
+        full), has a signal running, no source marginal since an action, or shows label shift (the
+        last batch with the source: KL beyond chance above label_kl, or the stream-level test firing);
+        on a calm stream on every source_every-th batch, for the same tests and the collapse floor."""
+        cfg = self.config
+        excess = self._label_excess
+        calm = (cfg.action != "off" and len(excess) == excess.maxlen and excess[-1] <= cfg.label_kl
+                and not self._correlated()[0] and self.healthy() and self._source_marginal is not None)
+        return not calm or self._since_source + 1 >= cfg.source_every
 
     def snapshot_due(self, step: int) -> bool:
         return self.config.action != "off" and step > 0 and step % self.config.snapshot_every == 0 and self.healthy()
@@ -327,6 +339,7 @@ class StreamGuard:
 
         p_adapted = softmax(adapted)
         p_source = None if source_logits is None else softmax(np.asarray(source_logits, np.float64))
+        self._since_source = 0 if p_source is not None else self._since_source + 1
         fallback = None
         small = n < cfg.min_batch and batch_statistics
         if p_source is not None:
@@ -346,6 +359,7 @@ class StreamGuard:
         floor = cfg.collapse_floor
         if p_source is not None:
             self._source_marginal = self._update(self._source_marginal, _one_hot(p_source), cfg.marginal_window)
+        if self._source_marginal is not None:  # between the batches with the source: its last level
             floor = cfg.collapse_ratio * float(entropy_ratio(self._source_marginal[None])[0])
         self.figures.update(marginal_entropy=h_adapted, marginal_floor=floor)
         checks = {"marginal_collapse": h_adapted < floor,
@@ -375,6 +389,7 @@ class StreamGuard:
             return False
         p_source = softmax(np.asarray(source_logits, np.float64))
         kl, _ = self._source_side(p_source, record=True)
+        self._since_source = 0
         correlated, median = self._correlated()
         if correlated:  # the batch ends here: observe() will not see it
             self._source_done = None

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime import onnx_frozen
+from runtime import onnx_batch_stats, onnx_frozen
 from runtime.onnx_frozen import FrozenForward, TorchForward
 
 try:
@@ -101,6 +101,8 @@ class LoadedModel:
     module: nn.Module | None = None  # what adapters wrap (eval mode, [0, 1] input)
     # float32 NCHW [0, 1] -> logits; .run(x) adds the BN layers' input means, .bn_shift(...) the figure
     frozen: FrozenForward | None = None
+    # the reply of batch-statistics policies on ONNX Runtime (runtime/onnx_batch_stats.py), or None
+    batch_stats: FrozenForward | None = None
     prototypes: torch.Tensor | None = None
     fisher_data: torch.Tensor | None = None  # float32 NCHW [0, 1] source images for eata's Fisher
     source_path: str = ""
@@ -304,11 +306,16 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
         raise ConfigError(f"{path}: the model must return logits [N, classes], returned shape {list(out.shape)}")
     if frozen_backend not in ("torch", "onnx", "auto"):
         raise ConfigError(f"frozen backend {frozen_backend!r}: choose torch, onnx or auto")
+    batch_stats = None
     if frozen is None and module is not None and frozen_backend != "torch":
         frozen, note, why = onnx_frozen.for_module(module, device, (channels, height, width), frozen_backend)
         if why and frozen_backend == "onnx":
             raise ConfigError(f"--frozen-backend onnx: ONNX Runtime does not serve the model exactly: {why}")
         notes.append(note)
+        if frozen is not None:  # one knob: where source streams run on ONNX Runtime, so may these replies
+            batch_stats, why = onnx_batch_stats.for_module(module, device, (channels, height, width))
+            notes.append("bn, tent, sar, eata and deyo reply on ONNX Runtime where they predict with batch statistics"
+                         if batch_stats is not None else f"batch-statistics policies reply with torch ({why})")
     num_classes = int(out.shape[1])
     labels = _load_labels(base, ocfg) or [str(i) for i in range(num_classes)]
     if len(labels) != num_classes:
@@ -333,6 +340,6 @@ def load(path: str | Path | None = None, device: str | torch.device | None = Non
     return LoadedModel(name=name, platform=platform, channels=channels, height=height, width=width,
                        labels=labels, num_classes=num_classes, default_policy=policy,
                        default_hyperparameters=hyper, tracked_streams=tracked_streams, device=device,
-                       module=module, frozen=frozen, prototypes=prototypes, fisher_data=fisher_data,
+                       module=module, frozen=frozen, batch_stats=batch_stats, prototypes=prototypes, fisher_data=fisher_data,
                        source_path=str(path), notes=notes,
                        fingerprint=module_fingerprint(module) if module is not None else file_fingerprint(frozen_file))

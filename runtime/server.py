@@ -143,6 +143,9 @@ def add_arguments(p) -> None:
                         f"(0: never; default: {GuardConfig.pin_after})")
     p.add_argument("--guard-pin-window", type=int, default=GuardConfig.pin_window, metavar="BATCHES",
                    help=f"the window of --guard-pin-after (default: {GuardConfig.pin_window})")
+    p.add_argument("--guard-source-every", type=int, default=GuardConfig.source_every, metavar="BATCHES",
+                   help=f"on a stream that looks i.i.d. and healthy, the frozen model's forward the guard compares "
+                        f"with runs on every n-th batch only (1: every batch; default: {GuardConfig.source_every})")
     p.add_argument("--guard-safe-policy", default=GuardConfig.safe_policy, metavar="POLICY",
                    help=f"what a pinned stream runs, e.g. source (the frozen model) or bn-alpha "
                         f"(default: {GuardConfig.safe_policy})")
@@ -194,7 +197,7 @@ async def serve(args) -> int:
     try:
         guard = GuardConfig(action=args.guard, patience=args.guard_patience, snapshot_every=args.guard_snapshot_every,
                             pin_after=args.guard_pin_after, pin_window=args.guard_pin_window,
-                            safe_policy=args.guard_safe_policy)
+                            safe_policy=args.guard_safe_policy, source_every=args.guard_source_every)
     except ValueError as e:
         log.error("%s", e)
         return 2

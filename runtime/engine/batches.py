@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,6 +56,7 @@ class Batches:
     def __init__(self, model: LoadedModel, table: StreamTable, metrics: Metrics):
         self.model, self.table, self.metrics = model, table, metrics
         self._source_adapter = None  # the source model's forward for the guard (built on first use)
+        self.idle: Callable[[], bool] = lambda: True  # no other batch waits (the engine's queue says)
         # cumulative figures for ModelStatistics (written by the worker only)
         self.totals = {"batches": 0, "samples": 0, "queue_ns": 0, "compute_ns": 0, "last_inference_ms": 0}
 
@@ -79,8 +81,8 @@ class Batches:
             else:
                 x = self._tensor(batch.x)
                 source = None
-                if stream.guarded is not None:  # the source's logits first: they may answer alone
-                    source = self._source_logits(batch.x, x)
+                if stream.guarded is not None and stream.guarded.needs_source(len(batch.x)):
+                    source = self._source_logits(batch.x, x)  # first: they may answer alone
                     early = stream.guarded.fallback_for_stream(source, stream.adapter)
                 if early is not None:  # a label-correlated stream: the adapter is not run
                     logits, bn_shift, verdict = source, None, early.reason
@@ -88,10 +90,11 @@ class Batches:
                 else:
                     if stream.guarded is not None:
                         stream.guarded.before_predict(stream.adapter)
-                    logits = stream.adapter.predict(x).float().cpu().numpy()
-                    bn_shift = stream.predicted(self.metrics)
+                    logits, bn_shift = self._adapted(stream, batch.x, x)
                     if stream.guarded is not None:
                         logits, verdict = self._guard(stream, logits, source, bn_shift)
+                        if logits is None:  # a verdict on a batch judged without the source: its answer
+                            logits = self._source_logits(batch.x, x)
             return self._finish(stream, batch, started, time.monotonic() - started, logits, bn_shift, verdict)
         except Exception:
             self._unlearn(stream)
@@ -103,6 +106,21 @@ class Batches:
         retries would teach it twice)."""
         if stream.adapter is not None:
             stream.adapter.discard()
+
+    def _adapted(self, stream: Stream, x: np.ndarray, batch: torch.Tensor) -> tuple[np.ndarray, float | None]:
+        """The adapter's prediction and its BN shift. A batch-statistics one runs on ONNX Runtime
+        where the model has that forward (runtime/onnx_batch_stats.py): for a policy that then owes
+        its update with a forward of its own, only while no other batch waits (an idle engine
+        applies it before the next one; a busy one would pay a forward more per batch)."""
+        forward, adapter = self.model.batch_stats, stream.adapter
+        affine = adapter.batch_stats_affine() if forward is not None else None
+        if affine is not None and forward.accepts(affine) and (not adapter.deferred_update or self.idle()):
+            logits, means = forward.run_with(x, affine)
+            adapter.owe(batch)
+            stream.predicted(self.metrics)
+            return logits, forward.bn_shift(means)
+        logits = adapter.predict(batch).float().cpu().numpy()
+        return logits, stream.predicted(self.metrics)
 
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).to(self.model.device)

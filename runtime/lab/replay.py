@@ -10,8 +10,9 @@ is created fresh over the model, reset where the setting says, and fed every bat
 with `step(x)`; the error of a sample is that of the logits `step` returned for it.
 
 With `--guard rollback|reset` the runs of adapting policies (every one but source) are guarded
-as the server guards their streams (runtime.guard.is_guarded): per batch the frozen source model
-predicts too, and runtime.guard.Guarded, the engine's own guard, judges both predictions, the last update's loss,
+as the server guards their streams (runtime.guard.is_guarded): the frozen source model predicts
+too where the guard asks for it (every batch while a stream is young or looks label-shifted, every
+--guard-source-every-th batch on a calm one), and runtime.guard.Guarded, the engine's own guard, judges both predictions, the last update's loss,
 the weight distance and the BN shift, and carries out its verdict (fallback: serve the source
 prediction and skip this batch's update; rollback: back to the last good in-memory snapshot,
 kept every --guard-snapshot-every healthy updates; reset: to source).
@@ -102,6 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="updates between automatic last-good snapshots")
     parser.add_argument("--guard-min-batch", type=int, default=guarding.GuardConfig.min_batch,
                         help="smaller batches are answered by the source model")
+    parser.add_argument("--guard-source-every", type=int, default=guarding.GuardConfig.source_every,
+                        help="a calm stream's source forward on every n-th batch (1: every batch)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -195,8 +198,7 @@ class _GuardedRun:
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         a = self.adapter
-        with torch.no_grad():  # the frozen forward the guard's source-level tests need
-            source_logits = self.model(x).float().cpu().numpy()
+        source_logits = self._source(x) if self.pinned or self.guarded.needs_source(len(x)) else None
         if self.pinned:  # the server's safe policy by default: the frozen model
             self.pinned_batches += 1
             return torch.from_numpy(source_logits)
@@ -216,7 +218,11 @@ class _GuardedRun:
             if outcome.action != guarding.FALLBACK:
                 self.loss = None
             self.pinned = outcome.pin
-        return torch.from_numpy(outcome.reply)
+        return torch.from_numpy(outcome.reply if outcome.reply is not None else self._source(x))
+
+    def _source(self, x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():  # the frozen forward the guard's source-level tests (and its answers) need
+            return self.model(x).float().cpu().numpy()
 
     def summary(self) -> dict:
         return {"verdicts": {r: c for r, c in self.guarded.guard.counts.items() if c}, "actions": self.actions,
@@ -304,7 +310,8 @@ def run(args) -> int:
         if "none" in corruptions and corruptions != ["none"]:
             raise ValueError("--corruptions none cannot be combined with corruptions")
         guard = guarding.GuardConfig(action=args.guard, patience=args.guard_patience,
-                                     snapshot_every=args.guard_snapshot_every, min_batch=args.guard_min_batch)
+                                     snapshot_every=args.guard_snapshot_every, min_batch=args.guard_min_batch,
+                                     source_every=args.guard_source_every)
     except ValueError as e:
         return fail(e)
     if args.threads:

@@ -169,6 +169,49 @@ def test_adapters_with_running_statistics_get_no_label_shift_fallback():
         assert ("label_shift" in verdicts) is not statistics, verdicts
 
 
+def asked(guard, batches):
+    """Feed (adapted, source) pairs as the engine does: the source's logits only where the guard
+    asks for them; returns, per batch, whether it asked, and the verdicts."""
+    wanted, verdicts = [], []
+    for adapted, source in batches:
+        wanted.append(guard.wants_source())
+        verdicts.append(guard.observe(adapted, source if wanted[-1] else None))
+    return wanted, verdicts
+
+
+def test_a_calm_stream_asks_for_the_source_on_every_nth_batch_only():
+    guard = StreamGuard(GuardConfig(source_every=4))
+    batches = [(x, x) for x in (iid() for _ in range(40))]
+    wanted, verdicts = asked(guard, batches)
+    assert all(wanted[:16]) and verdicts == [None] * 40  # young: its label_runs window fills first
+    assert wanted[16:] == [False, False, False, True] * 6
+    every = StreamGuard(GuardConfig(source_every=1))
+    assert all(asked(every, batches)[0])
+
+
+def test_a_stream_showing_label_shift_or_a_running_signal_asks_on_every_batch():
+    guard = StreamGuard(GuardConfig(source_every=4))
+    asked(guard, [(x, x) for x in (iid() for _ in range(20))])
+    assert not guard.wants_source()
+    # a sampled batch that is label-shifted: from then on every batch, while it lasts
+    wanted, verdicts = asked(guard, [(confident(np.full(64, c), margin=2.0), confident(np.full(64, c)))
+                                     for c in np.repeat(np.arange(C), 2)])
+    first = wanted.index(True)
+    assert first <= 3 and verdicts[first] == "label_shift" and all(wanted[first:])
+    # a collapse signal running (without the source: the floor of its last known marginal)
+    calm = StreamGuard(GuardConfig(source_every=4))
+    asked(calm, [(x, x) for x in (iid() for _ in range(20))])
+    running, verdict = [], None
+    while verdict is None and len(running) < 30:
+        signal = calm._runs["marginal_collapse"] > 0
+        running.append((signal, calm.wants_source()))
+        verdict = calm.observe(confident(np.zeros(64, int)), iid() if running[-1][1] else None)
+    assert verdict == "marginal_collapse" and any(not w for _, w in running)  # sampled until the signal ran
+    assert all(w for signal, w in running if signal)
+    calm.after_action()  # after an action the collapse marginals are new: the next batch has the source
+    assert calm.wants_source()
+
+
 def test_small_batches_fall_back_and_off_observes_nothing():
     guard = StreamGuard(GuardConfig(min_batch=16))
     assert guard.observe(iid(1), iid(1)) == "small_batch" and guard.action("small_batch") == FALLBACK

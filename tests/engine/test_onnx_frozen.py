@@ -101,7 +101,9 @@ def test_the_general_tap_where_shape_inference_knows_no_rank(monkeypatch):
 def test_the_demo_model_serves_source_streams_on_onnx_runtime_by_default_of_the_server():
     model = load(None, device="cpu", frozen_backend="auto")
     assert isinstance(model.frozen, onnx_frozen.OrtForward)
-    assert "source streams run on ONNX Runtime" in model.notes[-1] and "checked against torch" in model.notes[-1]
+    assert any("source streams run on ONNX Runtime" in n and "checked against torch" in n for n in model.notes)
+    assert model.batch_stats is not None and "reply on ONNX Runtime" in model.notes[-1]  # one knob for both
+    assert load(None, device="cpu", frozen_backend="torch").batch_stats is None
 
 
 def test_an_onnx_served_source_stream_reports_the_bn_shift_of_a_torch_served_one(tiny_config):
