@@ -12,10 +12,11 @@ with `step(x)`; the error of a sample is that of the logits `step` returned for 
 With `--guard rollback|reset` the runs of adapting policies (every one but source) are guarded
 as the server guards their streams (runtime.guard.is_guarded): the frozen source model predicts
 too where the guard asks for it (every batch while a stream is young or looks label-shifted, every
---guard-source-every-th batch on a calm one), and runtime.guard.Guarded, the engine's own guard, judges both predictions, the last update's loss,
-the weight distance and the BN shift, and carries out its verdict (fallback: serve the source
-prediction and skip this batch's update; rollback: back to the last good in-memory snapshot,
-kept every --guard-snapshot-every healthy updates; reset: to source).
+--guard-source-every-th batch on a calm one), and runtime.guard.Guarded, the engine's own
+guard, judges both predictions, the last update's loss, the weight distance and the BN shift,
+and carries out its verdict (fallback: serve the source prediction and skip this batch's update;
+rollback: back to the last good in-memory snapshot, kept every --guard-snapshot-every healthy
+updates; reset: to source).
 """
 from __future__ import annotations
 
