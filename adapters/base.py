@@ -230,6 +230,11 @@ class Adapter:
         self._count_prediction()
 
     @property
+    def owes_forward(self) -> bool:
+        """The owed update is of a batch predicted elsewhere (owe): learn() runs its forward too."""
+        return self._owed_input is not None
+
+    @property
     def pending(self) -> bool:
         """True when an update (learn()) is owed for the last predicted batch."""
         return self._pending

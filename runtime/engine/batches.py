@@ -67,6 +67,7 @@ class Batches:
             stream = self.table.get(batch.stream_id)
             stream.reset(self.metrics, "sequence_start", self.model.num_classes)
         stream = self.table.get(batch.stream_id)
+        stream.arrived(batch.enqueued)
         self.table.learn_owed(stream)  # batch t+1 sees the update from batch t
         verdict = ""
         try:
@@ -111,10 +112,12 @@ class Batches:
         """The adapter's prediction and its BN shift. A batch-statistics one runs on ONNX Runtime
         where the model has that forward (runtime/onnx_batch_stats.py): for a policy that then owes
         its update with a forward of its own, only while no other batch waits (an idle engine
-        applies it before the next one; a busy one would pay a forward more per batch)."""
+        applies it before the next one, and while the stream's client pauses long enough after a
+        reply for it; otherwise the next batch would wait for a forward more)."""
         forward, adapter = self.model.batch_stats, stream.adapter
         affine = adapter.batch_stats_affine() if forward is not None else None
-        if affine is not None and forward.accepts(affine) and (not adapter.deferred_update or self.idle()):
+        if affine is not None and forward.accepts(affine) and (
+                not adapter.deferred_update or (self.idle() and stream.update_fits_pause())):
             logits, means = forward.run_with(x, affine)
             adapter.owe(batch)
             stream.predicted(self.metrics)
@@ -182,6 +185,7 @@ class Batches:
                              confidence=stream.confidence, class_marginal_entropy=stream.class_marginal_entropy,
                              guard=verdict)
         self.table.enforce_memory_budget(keep=stream.id)
+        stream.replied_at = time.monotonic()
         return result
 
     # ------------------------------------------------------------------ cross-stream batching

@@ -47,6 +47,11 @@ class Stream:
     # escalation: the policy (and hyperparameters) the guard pinned the stream away from; a
     # SetPolicy or a Reset unpins (Reset: back to that policy, from the source state)
     pinned_from: tuple[str, dict[str, str]] | None = None
+    # a reply computed elsewhere (runtime/onnx_batch_stats.py) owes an update with a forward of its
+    # own: worth it while the client's pause after a reply (EMA) covers that update
+    replied_at: float | None = None
+    pause_seconds: float = float("inf")
+    owed_update_seconds: float = 0.0
 
     COUNTERS = ("batches", "samples", "bn_shift", "entropy", "confidence", "class_marginal_entropy",
                 "weight_distance", "last_loss", "feedback_labels", "feedback_correct", "guard_trips", "guard_fallbacks")
@@ -118,11 +123,24 @@ class Stream:
     # ------------------------------------------------------------------ adaptation
     def learn(self, metrics: Metrics) -> None:
         """Apply the owed update of the last predicted batch."""
-        started = time.monotonic()
+        started, recomputes = time.monotonic(), self.adapter.owes_forward
         figures = self.adapter.learn()
+        if recomputes:
+            self.owed_update_seconds = time.monotonic() - started
         if self.adapter.state_grows:  # what the memory budget counts follows it
             self.state_bytes = int(self.adapter.state_bytes()) * (2 if self.guarded is not None else 1)
         self._count_update(metrics, figures, time.monotonic() - started)
+
+    def arrived(self, enqueued: float) -> None:
+        """A batch of this stream was queued at `enqueued`: the client's pause since the last reply."""
+        if self.replied_at is not None:
+            pause = max(enqueued - self.replied_at, 0.0)
+            self.pause_seconds = pause if self.pause_seconds == float("inf") else 0.7 * self.pause_seconds + 0.3 * pause
+
+    def update_fits_pause(self) -> bool:
+        """An owed update with its own forward is expected to end before the client's next batch
+        (a client that sends back to back would otherwise wait for a forward more per batch)."""
+        return self.pause_seconds >= self.owed_update_seconds
 
     def predicted(self, metrics: Metrics) -> float | None:
         """Bookkeeping right after the adapter predicted a batch; the batch's BN shift."""

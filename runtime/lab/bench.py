@@ -334,8 +334,10 @@ def print_tables(result: dict) -> None:
                result["latency_guarded"],
                [("policy", "policy", "s"), ("p50_ms", "p50 ms", ".2f"), ("p99_ms", "p99 ms", ".2f"),
                 ("p50_ratio", "p50 × src", ".2f"), ("p99_ratio", "p99 × src", ".2f"),
+                ("p50_young_ratio", "young × src", ".2f"),
                 ("update_done_ms", "update ms", ".1f"), ("server_state_bytes", "state B", "d"),
                 ("guard_verdicts", "guard", "d")])
+        print("  after each stream's first 16 batches; young: batches 3-16, the source's forward on every one")
     if "steps" in result:
         _table("adapter step (predict + learn) over a frozen forward, and its reply over source (in-process)",
                result["steps"], [("policy", "policy", "s"), ("ms_per_batch", "step ms", ".2f"),

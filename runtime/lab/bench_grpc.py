@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 import adapters
+from runtime.guard import GuardConfig
 from runtime.lab.datasets import load_demo_slice
 from runtime.lab.timing import median_ms, paired_times, percentile
 
@@ -184,21 +185,26 @@ def bench_concurrent(target: str, model, device, clients: int = 8, requests: int
 
 
 def bench_latency(target: str, policies: list[str], batch: int = 64, requests: int = 20, warmup: int = 2,
-                  guarded_target: str | None = None) -> tuple[list[dict], list[dict]]:
+                  guarded_target: str | None = None, young: int = GuardConfig.label_runs) -> tuple[list[dict], list[dict]]:
     """Reply latency per policy, sequential requests on one stream per policy. After each reply of
     a policy with a deferred update, the client waits until GetStream shows the update applied,
     so the next request measures a reply that had no update left to wait for; the figure
     `update_done_ms` (reply to update applied) shows where the learning step went. The `source`
     policy is the baseline and is always measured. `guarded_target`: a second server with the
     collapse guard on (the default configuration); its streams are measured in the same turns,
-    so both sets of ratios (each over the guard-off server's `source`) see the same load.
+    so both sets of ratios (each over the guard-off server's `source`) see the same load. The
+    figures are those of a stream past its first `young` batches (the guard computes the source's
+    forward on every batch of a young stream, on a calm one every --guard-source-every-th); batches
+    `warmup` to `young` give the young stream's p50 beside them (`p50_young_ms`).
     Returns (rows with the guard off, rows with the guard on: empty without guarded_target)."""
     sides = {"off": Endpoint(target)}
     if guarded_target:
         sides["rollback"] = Endpoint(guarded_target)
     policies = ["source"] + [p for p in policies if p != "source"]
-    xs = _demo_batches(requests + warmup, batch, seed=1)
+    start_at = max(warmup, young)
+    xs = _demo_batches(requests + start_at, batch, seed=1)
     latency = {(g, p): [] for g in sides for p in policies}
+    early = {(g, p): [] for g in sides for p in policies}
     update = {(g, p): [] for g in sides for p in policies}
     verdicts = {(g, p): 0 for g in sides for p in policies}
     try:
@@ -218,10 +224,12 @@ def bench_latency(target: str, policies: list[str], batch: int = 64, requests: i
                             if time.perf_counter() - replied > 300:
                                 raise RuntimeError(f"stream {sid}: the update of step {step} was not applied in 300 s")
                             time.sleep(0.002)
-                        if i >= warmup:
+                        if i >= start_at:
                             update[g, p].append(time.perf_counter() - replied)
-                    if i >= warmup:
+                    if i >= start_at:
                         latency[g, p].append(replied - start)
+                    elif i >= warmup:
+                        early[g, p].append(replied - start)
         state = {(g, p): ep.stream_info(f"bench-latency-{p}").state_bytes for g, ep in sides.items() for p in policies}
     finally:
         for ep in sides.values():
@@ -234,6 +242,9 @@ def bench_latency(target: str, policies: list[str], batch: int = 64, requests: i
             rows[g].append({"policy": p, "guard": g, "batch": batch, "requests": len(latency[g, p]),
                             "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "p50_ratio": p50 / base50,
                             "p99_ratio": p99 / base99,
+                            "p50_young_ms": percentile(early[g, p], 50) * 1e3 if early[g, p] else None,
+                            "p50_young_ratio": (percentile(early[g, p], 50) / percentile(early["off", "source"], 50)
+                                                if early[g, p] else None),
                             "update_done_ms": statistics.median(update[g, p]) * 1e3 if update[g, p] else None,
                             "server_state_bytes": int(state[g, p]), "guard_verdicts": verdicts[g, p]})
     return rows["off"], rows["rollback"]

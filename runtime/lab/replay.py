@@ -188,6 +188,7 @@ class _GuardedRun:
         self.pinned_batches = 0  # answered by the source while pinned (no verdict of their own)
         self.max_weight_distance = 0.0
         self.pinned = False  # escalation, as the server's: the source answers until the next reset
+        self.batches = self.source_forwards = 0  # what the guard cost: the source's forwards over the batches
 
     def reset(self) -> None:
         """The benchmark reset the adapter (a new block): a new stream for the guard too (and, as
@@ -200,6 +201,7 @@ class _GuardedRun:
     def step(self, x: torch.Tensor) -> torch.Tensor:
         a = self.adapter
         source_logits = self._source(x) if self.pinned or self.guarded.needs_source(len(x)) else None
+        self.batches += 1
         if self.pinned:  # the server's safe policy by default: the frozen model
             self.pinned_batches += 1
             return torch.from_numpy(source_logits)
@@ -222,12 +224,13 @@ class _GuardedRun:
         return torch.from_numpy(outcome.reply if outcome.reply is not None else self._source(x))
 
     def _source(self, x: torch.Tensor) -> np.ndarray:
+        self.source_forwards += 1
         with torch.no_grad():  # the frozen forward the guard's source-level tests (and its answers) need
             return self.model(x).float().cpu().numpy()
 
     def summary(self) -> dict:
         return {"verdicts": {r: c for r, c in self.guarded.guard.counts.items() if c}, "actions": self.actions,
-                "pinned_batches": self.pinned_batches,
+                "pinned_batches": self.pinned_batches, "batches": self.batches, "source_forwards": self.source_forwards,
                 "max_weight_distance": round(self.max_weight_distance, 4)}
 
 

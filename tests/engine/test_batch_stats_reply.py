@@ -4,6 +4,9 @@ policy predicted there and owing its update (Adapter.owe) learns exactly what it
 predicts; the engine takes the path only for the policies and models it fits."""
 from __future__ import annotations
 
+import asyncio
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +16,7 @@ import adapters
 from adapter_models import tiny_cnn
 from conftest import run_engine
 from runtime import onnx_batch_stats
+from runtime.engine.stream import Stream
 from runtime.guard import GuardConfig
 from runtime.model_config import load
 
@@ -103,7 +107,10 @@ def test_the_engine_replies_there_and_the_stream_learns_as_with_torch(tiny_onnx,
 
     async def scenario(engine):
         await engine.set_policy("s", "tent", {"lr": "0.01"})
-        replies = [(await engine.enqueue_infer("s", x)).logits for x in xs]
+        replies = []
+        for x in xs:  # a client that pauses after each reply: the owed update fits in the pause
+            replies.append((await engine.enqueue_infer("s", x)).logits)
+            await asyncio.sleep(0.2)
         engine.table.learn_owed(engine.table.get("s"))
         return replies, {k: v.clone() for k, v in engine.table.get("s").adapter.batch_stats_affine().items()}
 
@@ -114,3 +121,36 @@ def test_the_engine_replies_there_and_the_stream_learns_as_with_torch(tiny_onnx,
         np.testing.assert_allclose(got, reference.step(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
     for k, v in reference.batch_stats_affine().items():
         assert torch.equal(learned[k], v), k
+
+
+def test_while_other_batches_wait_a_policy_that_owes_its_update_replies_with_torch(tiny_onnx, monkeypatch):
+    runs = []
+    run_with = tiny_onnx.batch_stats.run_with
+    monkeypatch.setattr(tiny_onnx.batch_stats, "run_with", lambda x, affine: runs.append(len(x)) or run_with(x, affine))
+    a, b = batches(2, seed=8)
+
+    async def scenario(engine):
+        for sid in ("a", "b", "n"):
+            await engine.set_policy(sid, "bn" if sid == "n" else "tent", {})
+        busy = engine.jobs.submit(lambda: time.sleep(0.3))
+        queued = [engine.enqueue_infer("a", a), engine.enqueue_infer("n", a), engine.enqueue_infer("b", b)]
+        await busy
+        return await asyncio.gather(*queued)
+
+    run_engine(tiny_onnx, scenario, guard=GuardConfig(action="off"), max_group=1)
+    # a waited behind n and b: torch; bn owes nothing: always there; b ran with nothing queued
+    assert runs == [8, 8]
+
+
+def test_a_client_that_sends_back_to_back_is_not_made_to_wait_for_a_forward_more():
+    stream = Stream(id="s", policy="tent", hyperparameters={})
+    assert stream.update_fits_pause()  # nothing known yet
+    stream.owed_update_seconds = 0.05
+    for t in range(5):  # replies at t, the next batch 1 ms later
+        stream.replied_at = float(t)
+        stream.arrived(t + 0.001)
+    assert not stream.update_fits_pause()
+    for t in range(5, 10):  # a client that now pauses 0.2 s
+        stream.replied_at = float(t)
+        stream.arrived(t + 0.2)
+    assert stream.update_fits_pause()

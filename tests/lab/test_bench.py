@@ -47,6 +47,7 @@ def test_quick_bench_reports_every_section():
     guarded = {r["policy"]: r for r in report["latency_guarded"]}  # the default server, measured beside
     assert list(guarded) == quick and all(r["guard"] == "rollback" and _positive(r["p50_ratio"]) for r in guarded.values())
     assert guarded["tent"]["server_state_bytes"] == 2 * latency["tent"]["server_state_bytes"]  # the guard's copy
+    assert all(_positive(r["p50_young_ms"]) for r in guarded.values())  # a young stream's figure beside
 
     steps = {r["policy"]: r for r in report["steps"]}
     assert list(steps) == quick
