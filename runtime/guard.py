@@ -45,17 +45,14 @@ Signals and reasons (defaults in `GuardConfig`; C = number of classes, n = batch
 
 Why a fallback and not a rollback for the last two: with batch-statistics normalisation the harm
 of a label-correlated or single-image batch is in *this batch's* prediction, which no earlier
-adapted state predicts better. So: the source answers the batch, its update is dropped, the
-adapted state is kept for when the stream looks i.i.d. again. The other four reasons take
-`GuardConfig.action` (rollback to the last good snapshot, or reset to source) and the caller
-clears the stream's guard state with `after_action()`.
+adapted state predicts better: the source answers it, its update is dropped, the adapted state is
+kept. The other four reasons take `GuardConfig.action` (rollback to the last good snapshot, or
+reset to source); the caller then clears the stream's guard state with `after_action()`.
 
-Cost per batch: the source-level tests need the source model's logits on the same batch, one
-frozen forward (ONNX Runtime's where the model exports exactly); a stream called label-correlated
-is answered by them alone, the adapter not run (`Guarded.fallback_for_stream`). On a calm stream
-(`StreamGuard.wants_source`) the forward runs on every `source_every`-th batch only, and a verdict
-between those is answered with the adapted logits (rollback and reset act on the state).
-`observe` takes ~0.06 ms, weight_distance 0.3-0.7 ms (docs/BENCHMARKS.md: the reply latency).
+Cost: the source's logits, one frozen forward (ONNX Runtime's where the model exports exactly),
+on every batch of a young or unquiet stream, on every `source_every`-th of a calm one
+(`StreamGuard.wants_source`; a verdict without them: the caller computes them to answer with);
+a label-correlated stream is answered by them alone (`Guarded.fallback_for_stream`).
 """
 from __future__ import annotations
 
@@ -280,8 +277,7 @@ class StreamGuard:
         self.figures: dict[str, float] = {}    # the last batch's signals (for logs and metrics)
         self.reset()
 
-    def reset(self) -> None:
-        """Forget the stream (new stream, or the caller reset it to source). Counts are kept."""
+    def reset(self) -> None:  # a new stream, or the caller reset it to source; counts are kept
         self._source_long = None if self.prior is None else self.prior.copy()
         self._source_seen = 0  # samples in the long run (without a prior, the first ones fill its window)
         self._label_excess: collections.deque[float] = collections.deque(maxlen=max(self.config.label_runs, 1))
@@ -298,21 +294,18 @@ class StreamGuard:
         self._bn_baseline: float | None = None
         self._last: str | None = None
 
-    def action(self, reason: str) -> str:
-        """What the caller must do for a verdict: 'fallback', 'rollback' or 'reset'."""
+    def action(self, reason: str) -> str:  # what the caller must do: fallback, rollback or reset
         return FALLBACK if reason in FALLBACK_REASONS else self.config.action
 
-    def healthy(self) -> bool:
-        """The last batch raised no signal at all: its state may become the last good snapshot."""
+    def healthy(self) -> bool:  # the last batch raised no signal: its state may become the last good one
         return self._last is None and not any(self._runs.values())
 
     def wants_source(self) -> bool:
-        """The source's forward on every batch while the stream is young (a label_runs window not yet
-        full), has a signal running, no source marginal since an action, or shows label shift (the
-        last batch with the source: KL beyond chance above label_kl, or the stream-level test firing);
-        on a calm stream on every source_every-th batch, for the same tests and the collapse floor."""
-        cfg = self.config
-        excess = self._label_excess
+        """The source's forward on every batch while the stream is young (label_runs window not full),
+        has a signal running, no source marginal since an action, or shows label shift on its last
+        batch with the source (KL beyond chance above label_kl, or the stream-level test firing); on
+        a calm stream on every source_every-th batch."""
+        cfg, excess = self.config, self._label_excess
         calm = (cfg.action != "off" and len(excess) == excess.maxlen and excess[-1] <= cfg.label_kl
                 and not self._correlated()[0] and self.healthy() and self._source_marginal is not None)
         return not calm or self._since_source + 1 >= cfg.source_every
@@ -339,12 +332,14 @@ class StreamGuard:
 
         p_adapted = softmax(adapted)
         p_source = None if source_logits is None else softmax(np.asarray(source_logits, np.float64))
-        self._since_source = 0 if p_source is not None else self._since_source + 1
+        # the first batch with the source after batches without it meets a long run that missed
+        # them (a domain change among them reads as label shift): it only makes the next ones dense
+        after_gap, self._since_source = self._since_source > 0, 0 if p_source is not None else self._since_source + 1
         fallback = None
         small = n < cfg.min_batch and batch_statistics
         if p_source is not None:
             kl, chance = self._source_side(p_source, record=not small)
-            if not small and label_shift:
+            if not small and label_shift and not after_gap:
                 fallback = self._label_shift(p_source, p_adapted, kl, chance)
         self._source_done = None
         if small:

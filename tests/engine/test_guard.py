@@ -196,8 +196,8 @@ def test_a_stream_showing_label_shift_or_a_running_signal_asks_on_every_batch():
     # a sampled batch that is label-shifted: from then on every batch, while it lasts
     wanted, verdicts = asked(guard, [(confident(np.full(64, c), margin=2.0), confident(np.full(64, c)))
                                      for c in np.repeat(np.arange(C), 2)])
-    first = wanted.index(True)
-    assert first <= 3 and verdicts[first] == "label_shift" and all(wanted[first:])
+    first = wanted.index(True)  # met with a long run that missed the batches before: no verdict yet, but dense
+    assert first <= 3 and verdicts[first] is None and verdicts[first + 1] == "label_shift" and all(wanted[first:])
     # a collapse signal running (without the source: the floor of its last known marginal)
     calm = StreamGuard(GuardConfig(source_every=4))
     asked(calm, [(x, x) for x in (iid() for _ in range(20))])
