@@ -179,3 +179,27 @@ def test_once_a_stream_is_label_correlated_the_adapter_is_not_run(tiny):
         torch.testing.assert_close(reply, OneClassPerBatch()(x))
     summary = run.summary()
     assert summary["verdicts"]["label_shift"] >= 13 and summary["actions"]["fallback"] == summary["verdicts"]["label_shift"]
+
+
+def test_a_verdict_on_a_batch_judged_without_the_source_is_answered_by_it(tiny, monkeypatch):
+    """A calm stream's batches between those with the source's forward are judged without it; a
+    verdict on one is answered with the source's prediction all the same (computed then), and the
+    stream is rolled back as usual."""
+    xs = [batch(100 + i, size=8) for i in range(41)]
+
+    async def scenario(engine):
+        await engine.set_policy("cam", "tent", {})
+        stream = engine.table.get("cam")
+        for i, x in enumerate(xs[:-1]):
+            assert not (await engine.infer("cam", x)).guard
+            if not stream.guarded.needs_source(8):  # calm: the next batch is judged without the source
+                break
+        assert i < 39, "the stream never looked calm"
+        monkeypatch.setattr(type(stream.adapter), "weight_distance", lambda self: float("nan"))
+        stream.guarded.learned(stream.adapter)  # the weights as the guard sees them: not finite
+        return await engine.infer("cam", xs[-1]), i
+
+    result, calm_after = run_engine(tiny, scenario, guard=GuardConfig(source_every=4))
+    assert result.guard == "non_finite" and calm_after >= GuardConfig.label_runs - 1  # young first
+    frozen = adapters.create("source", tiny.module).predict(torch.from_numpy(xs[-1])).numpy()
+    np.testing.assert_allclose(result.logits, frozen, rtol=1e-5, atol=1e-5)
