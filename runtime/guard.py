@@ -384,10 +384,9 @@ class StreamGuard:
             return False
         p_source = softmax(np.asarray(source_logits, np.float64))
         kl, _ = self._source_side(p_source, record=True)
-        self._since_source = 0
         correlated, median = self._correlated()
         if correlated:  # the batch ends here: observe() will not see it
-            self._source_done = None
+            self._source_done, self._since_source = None, 0
             self._last = None
             self.figures = {"label_kl": kl, "label_kl_median": median}
         return correlated

@@ -175,6 +175,9 @@ def asked(guard, batches):
     wanted, verdicts = [], []
     for adapted, source in batches:
         wanted.append(guard.wants_source())
+        if wanted[-1] and guard.correlated_stream(source):  # the stream-level test first, as the callers
+            verdicts.append("label_shift")
+            continue
         verdicts.append(guard.observe(adapted, source if wanted[-1] else None))
     return wanted, verdicts
 
