@@ -282,7 +282,7 @@ class StreamGuard:
         self._source_seen = 0  # samples in the long run (without a prior, the first ones fill its window)
         self._label_excess: collections.deque[float] = collections.deque(maxlen=max(self.config.label_runs, 1))
         self._source_done: tuple[float, float] | None = None  # this batch's (KL, chance), taken once
-        self._since_source = 0  # batches judged without the source's logits since the last one with them
+        self._since_source, self._last_excess = 0, 0.0  # batches without the source since; the last excess
         self._adapted_marginal = self._source_marginal = None
         self.after_action()
 
@@ -306,7 +306,7 @@ class StreamGuard:
         batch with the source (KL beyond chance above label_kl, or the stream-level test firing); on
         a calm stream on every source_every-th batch."""
         cfg, excess = self.config, self._label_excess
-        calm = (cfg.action != "off" and len(excess) == excess.maxlen and excess[-1] <= cfg.label_kl
+        calm = (cfg.action != "off" and len(excess) == excess.maxlen and self._last_excess <= cfg.label_kl
                 and not self._correlated()[0] and self.healthy() and self._source_marginal is not None)
         return not calm or self._since_source + 1 >= cfg.source_every
 
@@ -333,12 +333,13 @@ class StreamGuard:
         p_adapted = softmax(adapted)
         p_source = None if source_logits is None else softmax(np.asarray(source_logits, np.float64))
         # the first batch with the source after batches without it meets a long run that missed
-        # them (a domain change among them reads as label shift): it only makes the next ones dense
+        # them (a domain change among them reads as label shift): it only makes the next ones dense,
+        # and stays out of the stream-level window
         after_gap, self._since_source = self._since_source > 0, 0 if p_source is not None else self._since_source + 1
         fallback = None
         small = n < cfg.min_batch and batch_statistics
         if p_source is not None:
-            kl, chance = self._source_side(p_source, record=not small)
+            kl, chance = self._source_side(p_source, record=not small and not after_gap)
             if not small and label_shift and not after_gap:
                 fallback = self._label_shift(p_source, p_adapted, kl, chance)
         self._source_done = None
@@ -383,7 +384,7 @@ class StreamGuard:
         if cfg.action == "off" or cfg.label_runs == 0 or len(source_logits) < cfg.min_batch:
             return False
         p_source = softmax(np.asarray(source_logits, np.float64))
-        kl, _ = self._source_side(p_source, record=True)
+        kl, _ = self._source_side(p_source, record=self._since_source == 0)
         correlated, median = self._correlated()
         if correlated:  # the batch ends here: observe() will not see it
             self._source_done, self._since_source = None, 0
@@ -392,10 +393,9 @@ class StreamGuard:
         return correlated
 
     def _source_side(self, p_source: np.ndarray, record: bool) -> tuple[float, float]:
-        """The source's label statistics of this batch, once (correlated_stream, then observe):
-        its KL to the long-run marginal as it stood before the batch and the KL an i.i.d. batch has
-        by chance; the batch's KL beyond chance recorded for the stream-level test (`record`); the
-        long run moved by the batch."""
+        """This batch's KL to the source's long run (before the batch) and an i.i.d. batch's by chance,
+        taken once (correlated_stream, then observe); the excess kept for the stream-level test
+        (`record`); the long run moved by the batch."""
         if self._source_done is not None:
             return self._source_done
         cfg = self.config
@@ -403,7 +403,8 @@ class StreamGuard:
         if self._source_long is None:  # uniform prior unless the caller gave the training marginal
             self._source_long = np.full(len(m), 1.0 / len(m))
         kl, chance = _kl(m, self._source_long), (len(m) - 1) / (2 * n)
-        if record:
+        self._last_excess = kl - chance  # after a gap too: it decides whether the next batches are dense
+        if record:  # not after a gap: measured against a long run that missed the batches between
             self._label_excess.append(kl - chance)
         # without the training marginal as a prior, the long run starts as the average of what it
         # has seen (a window filling up) and a uniform guess worth 4 samples a class, so a source
