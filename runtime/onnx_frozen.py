@@ -48,6 +48,9 @@ def session_options():
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # no spinning between runs: the frozen and the batch-statistics sessions (and torch) take turns
+    # on the same cores, and a pool spinning after its run slowed the next session's run by up to 2x
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
