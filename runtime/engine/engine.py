@@ -85,7 +85,7 @@ class Engine:
         self.table = StreamTable(model, self.policies, self.metrics, self.store, self.persistent, max_streams,
                                  memory_budget_bytes, guard or GuardConfig(), ownership)
         self.batches = Batches(model, self.table, self.metrics)
-        self.batches.idle = lambda: self.jobs.queued <= 1  # the batch being run is still counted
+        self.batches.idle = lambda: not self.jobs.waiting()
         self.control = Control(model, self.table, self.policies, self.metrics)
         self.jobs = Jobs(max_queue, max_stream_queue, self.metrics, max_queue_wait)
         self._request_ids = itertools.count(1)

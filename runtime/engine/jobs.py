@@ -325,6 +325,12 @@ class Jobs:
                 if job is STOP or self._runnable(job):
                     return job
 
+    def waiting(self) -> bool:
+        """Some job waits besides the one running (worker side: `queued` is the event loop's count,
+        which lags answers the loop has not yet been woken for)."""
+        with self._ready:
+            return any(r.streams or r.barrier is not None for r in self._rounds)
+
     def has_queued(self, stream_id: str) -> bool:
         """Some job of this stream waits (worker side)."""
         with self._ready:

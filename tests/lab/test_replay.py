@@ -101,7 +101,8 @@ def test_guard_column_and_json_summary(capsys):
     out = run_json(capsys, "--adapter", "tent", "--guard", "reset", "--n-per-domain", "32")
     (result,) = out["results"]
     assert out["config"]["guard"]["action"] == "reset"
-    assert set(result["guard"]) == {"verdicts", "actions", "pinned_batches", "max_weight_distance"}
+    assert set(result["guard"]) == {"verdicts", "actions", "pinned_batches", "batches", "source_forwards",
+                                    "max_weight_distance"}
     assert sum(result["guard"]["actions"].values()) == sum(result["guard"]["verdicts"].values())
 
 
@@ -111,4 +112,5 @@ def test_every_adapting_policy_is_guarded_as_in_the_server(capsys):
     guards = {r["adapter"]: r["guard"] for r in out["results"]}
     assert guards["source"] == {}
     for name in ("bn", "unmix-tns", "tent"):
-        assert set(guards[name]) == {"verdicts", "actions", "pinned_batches", "max_weight_distance"}, (name, guards[name])
+        assert set(guards[name]) == {"verdicts", "actions", "pinned_batches", "batches", "source_forwards",
+                                     "max_weight_distance"}, (name, guards[name])

@@ -172,7 +172,9 @@ def test_guard_hp_and_eata_run_on_the_user_model(capsys, tiny_config, data, tmp_
     assert code == 0, err
     tent, eata = out["results"]
     assert tent["hyperparameters"]["lr"] == 0.01 and set(tent["guard"]) == {"verdicts", "actions", "pinned_batches",
+                                                                            "batches", "source_forwards",
                                                                             "max_weight_distance"}
+    assert 0 < tent["guard"]["source_forwards"] <= tent["guard"]["batches"]
     assert eata["samples"] == N
 
 

@@ -2,8 +2,9 @@
 says what to send instead; none of them harms the server or another stream. A witness stream
 (TENT, which updates its weights every batch) is fed a fixed sequence of batches with the bad
 requests interleaved, while another thread keeps switching a third stream's policy and
-inferring on it; the witness's outputs must be bit-identical to the same sequence on a clean
-stream. One real server (conftest's, messages over 1 MiB refused), real tritonclient."""
+inferring on it; the witness's outputs must equal those of the same sequence on a clean stream
+(to float rounding: a reply may come from ONNX Runtime or torch). One real server (conftest's,
+messages over 1 MiB refused), real tritonclient."""
 from __future__ import annotations
 
 import queue
@@ -304,10 +305,13 @@ def test_bad_requests_get_their_status_and_harm_no_one(ctx):
     assert not errors, errors
     assert len(done) >= 3, f"the concurrent SetPolicy/infer loop ran only {len(done)} rounds"
 
-    # the same batches on a clean stream, without bad requests in between: bit for bit the same
+    # the same batches on a clean stream, without bad requests in between: the same answers, to the
+    # float rounding of where each was computed (ONNX Runtime while the server is idle, else torch;
+    # what the stream learns is the same bit for bit either way, tests/engine/test_batch_stats_reply.py)
     clean = [logits(ctx.client.infer("tiny", [fp32_input(x)], parameters={"stream_id": CLEAN})) for x in xs]
     for i, (a, b) in enumerate(zip(witnessed, clean)):
-        assert np.array_equal(a, b), f"witness batch {i} differs from the clean run by {np.abs(a - b).max()}"
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5), \
+            f"witness batch {i} differs from the clean run by {np.abs(a - b).max()}"
     info = ctx.control.GetStream(tta_pb.StreamRequest(stream_id=WITNESS))
     assert (info.policy, info.hyperparameters["lr"], info.batches) == ("tent", "0.01", len(xs))
 
