@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import grpc
@@ -199,11 +201,14 @@ def _watch_line(s, previous) -> str:
 
 
 def _watch(stub, pb, args) -> int:
-    """`tta ctl watch STREAM`: GetStream every --every seconds, one table row each; Ctrl-C ends quietly."""
+    """`tta ctl watch STREAM`: GetStream every --every seconds, one table row each; Ctrl-C ends quietly.
+    Ctrl-C sets a flag rather than raising: a KeyboardInterrupt raised inside a blocking gRPC call
+    can be lost there, and the watch went on (seen on a loaded machine)."""
     request = pb.StreamRequest(model=args.model, stream_id=args.stream)
-    previous, shown = None, 0
+    previous, shown, stop = None, 0, threading.Event()
+    before = signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        while True:
+        while not stop.is_set():
             info = stub.GetStream(request, timeout=args.timeout)
             if args.json:
                 print(json.dumps(_message_to_dict(info)), flush=True)  # one JSON document per line
@@ -215,10 +220,13 @@ def _watch(stub, pb, args) -> int:
             previous, shown = info, shown + 1
             if args.count and shown >= args.count:
                 return 0
-            time.sleep(max(args.every, 0.05))
+            stop.wait(max(args.every, 0.05))
     except KeyboardInterrupt:
-        print()
-        return 0
+        pass
+    finally:
+        signal.signal(signal.SIGINT, before)
+    print()
+    return 0
 
 
 def _export(stub, pb, args) -> int:
